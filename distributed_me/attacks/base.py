@@ -1,0 +1,145 @@
+"""The query-strategy base class: MEBench's GenerateQuery / QueryAPI / UpdateModel loop (paper 004 §2.3, Fig. 2).
+
+A strategy is a small typed object (its options are pydantic fields, validated at construction) with one method,
+:meth:`QueryStrategy.extract`, in the manner of ART's ``ExtractionAttack.extract`` and torchattacks' ``Attack``. It sees
+only an :class:`~distributed_me.oracle.Oracle`, an unlabeled :class:`~distributed_me.data.Pool` and a
+:class:`Workbench` that trains the piracy model; never the victim. Capabilities are declared as class variables and
+checked before any query is sent (e.g. a strategy that needs probabilities against a label-only API).
+
+Timing is split into selection, query and training so that strategies compare on cost as well as on fidelity.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from ..answer import Answer
+from ..data.base import Pool, to_tensor
+from ..errors import DmeError
+from ..oracle import Oracle, query_in_batches
+from ..registry import Registry
+from ..train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+ATTACKS: Registry[type["QueryStrategy"]] = Registry("attack strategy")
+
+
+def register_attack(cls: type["QueryStrategy"]) -> type["QueryStrategy"]:
+    ATTACKS.register(cls.name)(cls)
+    return cls
+
+
+class Timer:
+    """Accumulates wall time per phase (selection, query, train, eval)."""
+
+    PHASES = ("selection", "query", "train", "eval")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {p: 0.0 for p in self.PHASES}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Workbench:
+    """What a strategy may use besides the oracle and pool: the piracy model factory and trainer, input shape, timer.
+
+    ``train(images, answers)`` (re)trains the piracy model on all query-response pairs so far; iterative strategies
+    call it every round. ``on_epoch`` lets a sweep report per-epoch metrics.
+    """
+
+    make_model: Callable[[], nn.Module]
+    train_cfg: TrainConfig
+    input_shape: tuple[int, int, int]
+    timer: Timer = field(default_factory=Timer)
+    seed: int = 0
+    progress: bool = False
+    on_epoch: Callable[[int, dict], Any] | None = None
+    query_batch_size: int = 256
+    model: nn.Module | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def load(self, pool: Pool, idx: np.ndarray) -> torch.Tensor:
+        """Pool images at ``idx`` as float NCHW at the victim's input shape."""
+        c, h, _ = self.input_shape
+        return to_tensor(pool.get(idx, size=h, channels=c))
+
+    def query(self, oracle: Oracle, images: torch.Tensor) -> Answer:
+        with self.timer.phase("query"):
+            return query_in_batches(oracle, images, self.query_batch_size)
+
+    def train(self, images: torch.Tensor, answer: Answer, fresh: bool = True, epochs: int | None = None) -> nn.Module:
+        """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels."""
+        with self.timer.phase("train"):
+            if fresh or self.model is None:
+                torch.manual_seed(self.seed)
+                self.model = self.make_model()
+            soft = answer.soft_targets()
+            targets = torch.from_numpy(soft) if soft is not None else torch.from_numpy(answer.labels)
+            cfg = self.train_cfg if epochs is None else TrainConfig(**{**self.train_cfg.__dict__, "epochs": epochs})
+            self.history = fit(self.model, images, targets, cfg, on_epoch=self.on_epoch, progress=self.progress,
+                               desc="piracy")
+            return self.model
+
+
+@dataclass
+class Extraction:
+    """What a strategy returns: the trained piracy model and the pool indices it sent (for audits and tests)."""
+
+    model: nn.Module
+    queried: np.ndarray
+    history: list[dict]
+
+
+class QueryStrategy(BaseModel):
+    """Base class: subclasses declare options as fields and implement :meth:`extract`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: ClassVar[str]
+    #: answer kinds the strategy can learn from; ("probabilities",) for methods that need scores
+    accepts: ClassVar[tuple[str, ...]] = ("probabilities", "topk", "label")
+
+    @classmethod
+    def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":
+        klass = ATTACKS.get(name)
+        try:
+            return klass(**(options or {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            raise DmeError(f"attack {name!r} option {loc!r} = {err.get('input')!r}: {err['msg']} "
+                           f"(options: {', '.join(klass.model_fields) or 'none'})") from None
+
+    def check(self, oracle: Oracle, pool: Pool, budget: int) -> None:
+        """Refuse before any query: capability mismatch, impossible budget."""
+        if oracle.info.returns not in self.accepts:
+            raise DmeError(f"attack {self.name!r} needs an API that returns {' or '.join(self.accepts)}, but this "
+                           f"victim's output policy returns {oracle.info.returns!r}")
+        if budget <= 0:
+            raise DmeError(f"budget must be a positive number of queries, got {budget}")
+        if budget > len(pool):
+            raise DmeError(f"budget {budget} is larger than the pool {pool.name!r} ({len(pool)} images); lower "
+                           "--budget or use a larger pool")
+        remaining = None if oracle.budget is None else oracle.budget - oracle.queries_used
+        if remaining is not None and budget > remaining:
+            raise DmeError(f"budget {budget} exceeds what the API key has left ({remaining} of {oracle.budget})")
+
+    def extract(self, oracle: Oracle, pool: Pool, budget: int, bench: Workbench) -> Extraction:
+        raise NotImplementedError

@@ -1,0 +1,189 @@
+"""The ``dme`` command. Thin: parses arguments, calls the library, prints tables. Library code logs; only this prints.
+
+Every user mistake surfaces as one ``error:`` line and exit status 2, never a traceback (set ``DME_DEBUG=1`` for one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DmeError, explain_validation_error
+
+
+def _table(rows: list[tuple[str, str]], title: str = "") -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title] if title else []
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def result_table(result: dict) -> str:
+    s = result["seconds"]
+    rows = [
+        ("victim accuracy", f"{result['victim_accuracy']:.4f}"),
+        ("piracy accuracy", f"{result['accuracy']:.4f}"),
+        ("fidelity", f"{result['fidelity']:.4f}"),
+        ("adversarial fidelity", f"{result['adversarial_fidelity']:.4f}"),
+        ("queries used", f"{result['queries_used']} / {result['budget']}"),
+        ("time (s)", f"selection {s['selection']:.1f} | query {s['query']:.1f} | train {s['train']:.1f} | "
+                     f"eval {s['eval']:.1f} | total {s['total']:.1f}"),
+    ]
+    return _table(rows, "extraction result")
+
+
+def _options(items: list[str] | None) -> dict:
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DmeError(f"--strategy-option takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_train_victim(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .victims import register_victim, train_victim
+    from .victims.embedded import EMBEDDED_DATASET, EMBEDDED_TRAIN, embedded_victim
+    from .victims.store import cache_dir
+
+    if args.dataset is None and args.arch is None and args.epochs is None:
+        victim, path = embedded_victim(progress=not args.quiet)
+    else:
+        dataset = args.dataset or EMBEDDED_DATASET
+        arch = args.arch or "cnn32"
+        cfg = TrainConfig(epochs=args.epochs or EMBEDDED_TRAIN.epochs, batch_size=args.batch_size,
+                          optimizer=args.optimizer, lr=args.lr, augment=not args.no_augment, seed=args.seed,
+                          hflip=args.hflip)
+        name = args.name or f"{Path(dataset).stem}-{arch}"
+        out = Path(args.out) if args.out else cache_dir() / "victims" / f"{name}-seed{args.seed}"
+        victim, path = train_victim(dataset, arch, out, cfg, img_size=args.img_size, name=name, root=args.data_root,
+                                    download=args.download, progress=not args.quiet)
+    uri = None if args.no_mlflow else register_victim(path, args.name or victim.meta.name)
+    print(_table([("dataset", victim.meta.dataset), ("arch", victim.meta.arch),
+                  ("input", "x".join(map(str, victim.input_shape))),
+                  ("test accuracy", f"{victim.meta.test_accuracy:.4f}"), ("bundle", str(path)),
+                  ("mlflow model", uri or "(not logged)")], "victim"))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .extraction import AttackSpec
+    from .runner import attack_in_process
+
+    try:
+        spec = AttackSpec(strategy=args.strategy, strategy_options=_options(args.strategy_option), budget=args.budget,
+                          arch=args.arch, pretrained=args.pretrained or False, optimizer=args.optimizer, lr=args.lr,
+                          epochs=args.epochs, batch_size=args.batch_size, augment=not args.no_augment,
+                          seed=args.seed, adv_eval_samples=args.adv_samples)
+    except ValidationError as e:
+        raise explain_validation_error(e, "attack") from None
+    result = attack_in_process(spec, victim=args.victim, pool=args.pool, output_policy=args.output_policy,
+                               data_root=args.data_root, download=args.download, progress=not args.quiet and not
+                               args.json, log_mlflow=not args.no_mlflow, experiment=args.experiment)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
+    else:
+        print(result_table(result.to_dict()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    run_bench(args.name, args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dme", description="Benchmark model-extraction attacks and defenses.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tv = sub.add_parser("train-victim", help="train a victim classifier, write its bundle, register it in MLflow")
+    tv.add_argument("--dataset", help="dataset name, labeled .npz (train file) or image folder; default: embedded "
+                                      "digits")
+    tv.add_argument("--arch", help="model architecture (default cnn32)")
+    tv.add_argument("--epochs", type=int)
+    tv.add_argument("--optimizer", default="adam")
+    tv.add_argument("--lr", type=float, default=1e-3)
+    tv.add_argument("--batch-size", type=int, default=64)
+    tv.add_argument("--img-size", type=int, help="input size (default: the dataset's)")
+    tv.add_argument("--seed", type=int, default=0, help="seed of the data split and training")
+    tv.add_argument("--no-augment", action="store_true")
+    tv.add_argument("--hflip", action="store_true", help="random horizontal flips (natural images only)")
+    tv.add_argument("--name", help="registered model name in MLflow")
+    tv.add_argument("--out", help="bundle folder (default: under $DME_HOME/victims)")
+    _data_args(tv)
+    tv.add_argument("--no-mlflow", action="store_true", help="do not register the victim in MLflow")
+    tv.add_argument("-q", "--quiet", action="store_true")
+    tv.set_defaults(func=cmd_train_victim)
+
+    at = sub.add_parser("attack", help="run one extraction in process and print the result")
+    at.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
+                                                          "(default: the embedded digits victim)")
+    at.add_argument("--pool", default=None, help="pool name, dataset name or .npz path (default: embedded photos)")
+    at.add_argument("--budget", type=int, default=1000)
+    at.add_argument("--strategy", default="random")
+    at.add_argument("--strategy-option", action="append", metavar="KEY=VALUE")
+    at.add_argument("--arch", default="cnn32", help="piracy model architecture")
+    at.add_argument("--pretrained", help="'true' for hub weights or a local checkpoint path")
+    at.add_argument("--optimizer", default="adam")
+    at.add_argument("--lr", type=float)
+    at.add_argument("--epochs", type=int, default=30)
+    at.add_argument("--batch-size", type=int, default=64)
+    at.add_argument("--no-augment", action="store_true")
+    at.add_argument("--output-policy", default="probabilities", help="e.g. probabilities, topk:1, label, "
+                                                                    "round:2,topk:3")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--adv-samples", type=int, help="test images used for adversarial fidelity (default: all)")
+    _data_args(at)
+    at.add_argument("--experiment", default="dme-attacks", help="MLflow experiment")
+    at.add_argument("--no-mlflow", action="store_true")
+    at.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    at.add_argument("-q", "--quiet", action="store_true")
+    at.set_defaults(func=cmd_attack)
+
+    bn = sub.add_parser("bench", help="benchmarks (speed, memory, quality) → bench-results/NAME.json")
+    bn.add_argument("name", help="benchmark name, e.g. extraction")
+    bn.add_argument("--data-dir", default=None, help="folder with the shared .npz data (default: ../shared/data)")
+    bn.add_argument("--epochs", type=int, default=None)
+    bn.add_argument("--quick", action="store_true", help="a small version for smoke tests")
+    bn.add_argument("--out", default="bench-results")
+    bn.set_defaults(func=cmd_bench)
+    return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="where torchvision datasets live (default $DME_DATA or ~/.cache/...)")
+    p.add_argument("--download", action="store_true", help="download torchvision datasets (needs internet)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DmeError as e:
+        if os.environ.get("DME_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

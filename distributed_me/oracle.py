@@ -1,0 +1,162 @@
+"""The Oracle: the API boundary between an attack and a victim (MEBench's QueryAPI, paper 004 §2.3).
+
+An attack holds an :class:`Oracle` and nothing else of the victim: it sends a batch of images and gets back exactly what
+an MLaaS API would return under its output policy (full probabilities, top-k, or a label). The oracle counts every image
+it answers against the budget and refuses — answering nothing — a batch that would exceed it.
+
+Implementations: :class:`LocalOracle` (in process, here), and in ``serving/`` a Serve-handle oracle and an HTTP
+oracle, all drop-in for each other.
+
+Images are sent as float32 NCHW in [0, 1] (or uint8 NHWC, converted here), the victim's own input shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .answer import Answer, AnswerKind
+from .data.base import to_tensor
+from .defenses import PolicyChain, parse_policy
+from .errors import BudgetExhausted, DmeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OracleInfo:
+    """Public metadata a client can read from the API: never weights or file paths."""
+
+    name: str
+    class_names: list[str]
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    returns: AnswerKind
+    policy: list[dict] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["input_dtype"] = "float32 in [0, 1] (NCHW) or uint8 (NHWC)"
+        return d
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    """What every oracle offers. ``budget`` is ``None`` for an unmetered oracle."""
+
+    info: OracleInfo
+
+    @property
+    def queries_used(self) -> int: ...
+
+    @property
+    def budget(self) -> int | None: ...
+
+    def query(self, images: np.ndarray | torch.Tensor) -> Answer: ...
+
+
+def validate_batch(images: np.ndarray | torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Convert a query batch to float NCHW in [0, 1] and check it is one the API can take (shape, finite values)."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        if images.ndim != 4:
+            raise DmeError(f"uint8 queries must be NHWC with 4 dimensions, got shape {images.shape}")
+    x = to_tensor(images)
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise DmeError(
+            f"query batch has shape {tuple(x.shape)} but this victim takes (N, {', '.join(map(str, input_shape))}) "
+            f"float32 in [0, 1] (or uint8 NHWC); resize with data.adapt_images"
+        )
+    if x.shape[0] == 0:
+        raise DmeError("empty query batch: send at least one image")
+    if not torch.isfinite(x).all():
+        raise DmeError("query batch contains NaN or infinite values")
+    return x
+
+
+class Meter:
+    """Thread-safe query accounting: grants a whole batch or none of it."""
+
+    def __init__(self, budget: int | None):
+        if budget is not None and budget < 0:
+            raise DmeError(f"budget must be >= 0, got {budget}")
+        self.budget, self.used = budget, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            if self.budget is not None and self.used + n > self.budget:
+                raise BudgetExhausted(n, self.budget - self.used, self.budget)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        """Give back a reservation whose batch could not be answered (nothing answered is ever charged)."""
+        with self._lock:
+            self.used -= n
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else self.budget - self.used
+
+
+class LocalOracle:
+    """An in-process oracle over a victim model, its output policy and a budget.
+
+    ``victim`` is anything with ``predict_probs(x: Tensor) -> Tensor`` plus ``class_names`` and ``input_shape``
+    (a :class:`~distributed_me.victims.Victim`). The attack never receives the victim itself.
+    """
+
+    def __init__(
+        self,
+        victim,
+        policy: PolicyChain | str | None = None,
+        budget: int | None = None,
+        name: str = "victim",
+        seed: int = 0,
+    ):
+        self._victim = victim
+        self._policy = parse_policy(policy, seed=seed)
+        self._meter = Meter(budget)
+        self.info = OracleInfo(
+            name=name,
+            class_names=list(victim.class_names),
+            input_shape=tuple(victim.input_shape),
+            returns=self._policy.returns,
+            policy=self._policy.describe(),
+        )
+
+    @property
+    def queries_used(self) -> int:
+        return self._meter.used
+
+    @property
+    def budget(self) -> int | None:
+        return self._meter.budget
+
+    @property
+    def remaining(self) -> int | None:
+        return self._meter.remaining
+
+    def query(self, images: np.ndarray | torch.Tensor) -> Answer:
+        x = validate_batch(images, self.info.input_shape)
+        self._meter.reserve(len(x))
+        try:
+            probs = self._victim.predict_probs(x).cpu().numpy()
+            return self._policy(probs)
+        except BaseException:
+            self._meter.release(len(x))
+            raise
+
+
+def query_in_batches(oracle: Oracle, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> Answer:
+    """Send ``images`` in API-sized batches and join the answers."""
+    parts = [oracle.query(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return Answer.concat(parts)

@@ -1,0 +1,117 @@
+"""Training loop for piracy models (and victims): soft labels when the API gave scores, labels otherwise.
+
+Deterministic on CPU for a given seed: data order and augmentation draw from one explicit generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..device import get_device
+from .augment import random_crop_resize
+from .losses import hard_cross_entropy, soft_cross_entropy
+from .optimizers import create_optimizer
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run. ``lr``/``weight_decay`` ``None`` = the optimizer's paper default."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float | None = None
+    weight_decay: float | None = None
+    augment: bool = True
+    hflip: bool = False
+    seed: int = 0
+    cosine: bool = True
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TrainConfig,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> list[dict]:
+    """Train ``model`` in place on ``images`` (float NCHW in [0, 1]) and ``targets``.
+
+    ``targets`` of shape (N, C) are soft labels (paper 004 eq. 2); of shape (N,) integer class labels (cross-entropy).
+    ``on_epoch(epoch, metrics)`` is called after every epoch, e.g. to report to Tune or to evaluate fidelity.
+    Returns the per-epoch history.
+    """
+    if len(images) == 0:
+        raise ValueError("cannot train on zero samples")
+    device = get_device()
+    soft = targets.ndim == 2
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device)
+    opt = create_optimizer(cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = (len(images) + cfg.batch_size - 1) // cfg.batch_size
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+        if cfg.cosine
+        else None
+    )
+    loss_fn = soft_cross_entropy if soft else hard_cross_entropy
+    history: list[dict] = []
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(images), generator=gen)
+        total, seen, correct = 0.0, 0, 0
+        for start in range(0, len(images), cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            if len(idx) < 2 and len(images) > 1:
+                continue  # batch norm cannot train on a single sample
+            xb, yb = images[idx], targets[idx]
+            if cfg.augment:
+                xb = random_crop_resize(xb, gen, hflip=cfg.hflip)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            hard = yb.argmax(1) if soft else yb
+            correct += (logits.argmax(1) == hard).sum().item()
+        row = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "train_agreement": correct / max(seen, 1)}
+        if on_epoch is not None:
+            extra = on_epoch(epoch + 1, row)
+            if isinstance(extra, dict):
+                row.update(extra)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Softmax outputs of ``model`` on float NCHW images, in batches, on the chosen device; returned on the CPU."""
+    device = get_device()
+    model.eval().to(device)
+    outs = [torch.softmax(model(images[i : i + batch_size].to(device)), dim=1).cpu()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    return predict_probs(model, images, batch_size).argmax(dim=1)

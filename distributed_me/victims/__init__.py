@@ -1,0 +1,20 @@
+"""Victims: training, the bundle format, MLflow registration and resolution, and the embedded default."""
+
+from .bundle import Victim, VictimMeta, load_bundle, save_bundle
+from .embedded import EMBEDDED_VICTIM, embedded_victim
+from .store import cache_dir, register_victim, resolve_victim
+from .train import train_victim, victim_test_split
+
+__all__ = [
+    "EMBEDDED_VICTIM",
+    "Victim",
+    "VictimMeta",
+    "cache_dir",
+    "embedded_victim",
+    "load_bundle",
+    "register_victim",
+    "resolve_victim",
+    "save_bundle",
+    "train_victim",
+    "victim_test_split",
+]

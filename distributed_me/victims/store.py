@@ -1,0 +1,102 @@
+"""Victims in MLflow: registering a bundle as a model version, and resolving ``--victim`` to a loaded victim.
+
+A bundle is logged as an MLflow pyfunc model whose artifact is the bundle folder, so a registered victim is both a
+dme bundle (``models:/NAME/VERSION``) and a model MLflow itself can load and ``predict`` with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError
+from ..tracking import tracking_uri
+from .bundle import META_FILE, Victim, load_bundle
+
+log = logging.getLogger(__name__)
+
+try:  # the pyfunc wrapper needs mlflow at import; keep the module importable without it
+    import mlflow.pyfunc
+
+    class VictimPyfunc(mlflow.pyfunc.PythonModel):
+        """``predict`` takes float32 NCHW in [0, 1] and returns the victim's class probabilities."""
+
+        def load_context(self, context) -> None:
+            self.victim = load_bundle(context.artifacts["bundle"])
+
+        def predict(self, context, model_input, params=None):  # noqa: ARG002 - MLflow's signature
+            import torch
+
+            return self.victim.predict_probs(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
+
+except ImportError:  # pragma: no cover
+    VictimPyfunc = None  # type: ignore[assignment,misc]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DME_HOME", Path.home() / ".cache" / "distributed_me"))
+
+
+def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victims") -> str:
+    """Log the bundle as a run + registered model version; returns the ``models:/NAME/VERSION`` URI."""
+    import mlflow
+    import torch
+
+    from ..tracking import mlflow_run
+
+    victim = load_bundle(bundle)
+    with mlflow_run(experiment, f"train-victim {name}", tags={"dme.kind": "victim", "dme.victim": name}):
+        mlflow.log_params({"arch": victim.meta.arch, "dataset": victim.meta.dataset,
+                           "img_size": victim.meta.img_size, "split_seed": victim.meta.split_seed,
+                           **{f"train.{k}": v for k, v in victim.meta.train_config.items()}})
+        mlflow.log_metric("test_accuracy", victim.meta.test_accuracy)
+        info = mlflow.pyfunc.log_model(
+            name="victim",
+            python_model=VictimPyfunc(),
+            artifacts={"bundle": str(Path(bundle).resolve())},
+            registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        )
+    version = info.registered_model_version
+    uri = f"models:/{name}/{version}"
+    log.info("registered victim %s", uri)
+    return uri
+
+
+def _latest_version(name: str) -> str:
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(tracking_uri()).search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise BundleError(f"no registered victim named {name!r} in the MLflow store {tracking_uri()}; "
+                          "train one with `dme train-victim --name NAME`, or pass a bundle path or models:/ URI")
+    return str(max(int(v.version) for v in versions))
+
+
+def resolve_victim(spec: str) -> Victim:
+    """Load a victim from a bundle path, an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``) or a name."""
+    path = Path(spec)
+    if path.exists():
+        return load_bundle(path)
+    if "://" not in spec and ":/" not in spec and ("/" in spec or spec.endswith((".json", ".pt"))):
+        raise BundleError(f"victim bundle {spec} does not exist")
+    uri = spec if ":/" in spec else f"models:/{spec}/{_latest_version(spec)}"
+    import mlflow
+
+    dst = cache_dir() / "victims" / "mlflow" / uri.replace(":/", "_").replace("/", "_")
+    if not any(dst.rglob(META_FILE)):
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri())
+        except Exception as e:  # mlflow raises several exception types for a missing model
+            raise BundleError(f"cannot fetch victim {uri} from MLflow ({tracking_uri()}): {e}") from None
+    found = sorted(dst.rglob(META_FILE))
+    if not found:
+        raise BundleError(f"MLflow model {uri} holds no dme victim bundle ({META_FILE} not found)")
+    return load_bundle(found[0].parent)
+
+
+__all__ = ["register_victim", "resolve_victim", "cache_dir"]

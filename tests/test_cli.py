@@ -1,0 +1,66 @@
+"""The command line: results on the embedded default, and clear one-line errors (exit 2, no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distributed_me.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.slow
+def test_attack_json_on_embedded_default(capsys):
+    code, out, _ = run(capsys, "attack", "--budget", "200", "--epochs", "2", "--json", "--adv-samples", "50",
+                       "--arch", "tiny_cnn")
+    assert code == 0
+    r = json.loads(out)
+    for key in ("victim_accuracy", "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds"):
+        assert key in r
+    assert r["queries_used"] == 200
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["attack", "--arch", "nope"], "valid model names: "),
+    (["attack", "--optimizer", "nope"], "valid optimizer names: adam, adamw, lion, sgd"),
+    (["attack", "--output-policy", "nope"], "valid output policy names: "),
+    (["attack", "--strategy", "nope"], "valid attack strategy names: "),
+    (["attack", "--pool", "nope"], "nope"),
+    (["attack", "--budget", "10000000", "--no-mlflow"], "larger than the pool"),
+    (["attack", "--budget", "0"], "budget"),
+    (["train-victim", "--dataset", "nope", "--no-mlflow"], "nope"),
+    (["attack", "--victim", "/nonexistent/bundle"], "does not exist"),
+])
+def test_bad_input_is_one_clear_error(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+
+
+def test_corrupt_bundle_is_a_clear_error(capsys, tmp_path):
+    (tmp_path / "victim.json").write_text("{not json")
+    (tmp_path / "weights.pt").write_bytes(b"garbage")
+    code, _, err = run(capsys, "attack", "--victim", str(tmp_path))
+    assert code == 2 and "unreadable or invalid" in err
+
+
+def test_missing_data_file_says_where(capsys, tmp_path):
+    code, _, err = run(capsys, "attack", "--pool", str(tmp_path / "pool.npz"))
+    assert code == 2 and "pool.npz" in err
+
+
+def test_shape_the_model_cannot_take(capsys):
+    code, _, err = run(capsys, "train-victim", "--arch", "alexnet", "--img-size", "8", "--epochs", "1", "--no-mlflow")
+    assert code == 2 and "alexnet" in err
+
+
+def test_no_traceback_from_the_real_entry_point():
+    out = subprocess.run([sys.executable, "-m", "distributed_me.cli", "attack", "--optimizer", "rmsprop"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "rmsprop" in out.stderr

@@ -1,0 +1,107 @@
+"""End to end on the embedded default: train the victim, extract it with random queries, score it."""
+
+import numpy as np
+import pytest
+import torch
+
+from distributed_me.attacks import ATTACKS, QueryStrategy
+from distributed_me.data import ArrayPool
+from distributed_me.errors import DmeError
+from distributed_me.extraction import AttackSpec, Evaluator, run_extraction
+from distributed_me.oracle import LocalOracle
+from distributed_me.runner import attack_in_process, evaluator_for, load_victim
+
+
+@pytest.fixture(scope="session")
+def victim():
+    return load_victim(None)
+
+
+@pytest.fixture(scope="session")
+def evaluator(victim):
+    return evaluator_for(victim)
+
+
+def test_embedded_victim_is_accurate(victim, evaluator):
+    assert victim.meta.test_accuracy >= 0.90
+    assert evaluator.victim_accuracy == pytest.approx(victim.meta.test_accuracy)
+
+
+class CountingPool(ArrayPool):
+    """Records every index the strategy loads, to check it queries only what it selected."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.loaded: list[int] = []
+
+    def _load(self, idx):
+        self.loaded.extend(idx.tolist())
+        return super()._load(idx)
+
+
+def _pool(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    return CountingPool(rng.integers(0, 256, (n, 16, 16, 1), dtype=np.uint8), name="noise")
+
+
+@pytest.mark.slow
+def test_random_extraction_end_to_end_and_fidelity_grows_with_budget(victim, evaluator):
+    """The embedded default (digits victim, photo-crop pool): far above chance (0.1), and more queries help."""
+    small = attack_in_process(AttackSpec(budget=200, arch="cnn32", epochs=20, seed=0, adv_eval_samples=100),
+                              victim=victim, log_mlflow=False)
+    large = attack_in_process(AttackSpec(budget=800, arch="cnn32", epochs=20, seed=0, adv_eval_samples=100),
+                              victim=victim, log_mlflow=True)
+    assert small.queries_used == 200 and large.queries_used == 800
+    assert large.fidelity > 0.35  # measured 0.45; chance is ~0.1 on ten balanced classes
+    assert large.fidelity > small.fidelity + 0.1  # measured 0.23 -> 0.45
+    assert 0 <= large.adversarial_fidelity <= 1
+    assert set(large.seconds) == {"selection", "query", "train", "eval", "total"}
+    assert len(large.history) == 20
+
+
+def test_strategy_never_exceeds_budget_and_queries_only_its_selection(victim, evaluator):
+    pool = _pool()
+    spec = AttackSpec(budget=50, arch="tiny_cnn", epochs=1, seed=1, adv_eval_samples=20)
+    oracle = LocalOracle(victim, "label", budget=80)
+    result = run_extraction(oracle, pool, spec, evaluator)
+    assert result.queries_used == oracle.queries_used == 50
+    assert len(set(pool.loaded)) == 50
+
+
+def test_same_seed_same_result(victim, evaluator):
+    def once():
+        spec = AttackSpec(budget=60, arch="tiny_cnn", epochs=2, seed=7, adv_eval_samples=30)
+        return run_extraction(LocalOracle(victim, "probabilities", budget=60), _pool(), spec, evaluator)
+
+    a, b = once(), once()
+    assert (a.fidelity, a.accuracy, a.adversarial_fidelity) == (b.fidelity, b.accuracy, b.adversarial_fidelity)
+    assert a.history == b.history
+
+
+def test_budget_larger_than_pool_fails_before_any_query(victim, evaluator):
+    pool = _pool(30)
+    oracle = LocalOracle(victim, budget=None)
+    with pytest.raises(DmeError, match="larger than the pool"):
+        run_extraction(oracle, pool, AttackSpec(budget=31, arch="tiny_cnn", epochs=1), evaluator)
+    assert oracle.queries_used == 0 and pool.loaded == []
+
+
+def test_unknown_strategy_option_names_the_options():
+    with pytest.raises(DmeError, match="option 'bogus'"):
+        QueryStrategy.create("random", {"bogus": 1})
+
+
+def test_every_registered_strategy_runs_within_budget(victim, evaluator):
+    """Contract test over the registry: under budget, deterministic schema."""
+    for name in ATTACKS.names():
+        pool = _pool()
+        oracle = LocalOracle(victim, "probabilities", budget=40)
+        spec = AttackSpec(strategy=name, budget=40, arch="tiny_cnn", epochs=1, adv_eval_samples=10)
+        r = run_extraction(oracle, pool, spec, evaluator)
+        assert r.queries_used <= 40 and 0 <= r.fidelity <= 1
+
+
+def test_evaluator_counts_nothing_against_budget(victim):
+    x = torch.rand(5, *victim.input_shape)
+    ev = Evaluator(victim.predict_labels, x, torch.zeros(5, dtype=torch.long))
+    assert ev.victim_pred.shape == (5,)

@@ -1,0 +1,74 @@
+"""Victim bundles: training writes one, MLflow registers it, and it loads back by path, name and URI unchanged."""
+
+import json
+
+import pytest
+import torch
+
+from distributed_me.errors import BundleError
+from distributed_me.train import TrainConfig
+from distributed_me.victims import load_bundle, register_victim, resolve_victim, train_victim
+
+
+@pytest.fixture(scope="module")
+def tiny_victim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "digits-tiny"
+    cfg = TrainConfig(epochs=3, batch_size=64, optimizer="adam", lr=3e-3, seed=0)
+    victim, path = train_victim("digits", "tiny_cnn", out, cfg, img_size=8, name="digits-tiny", progress=False)
+    return victim, path
+
+
+def test_bundle_has_metadata_and_reloads_identically(tiny_victim):
+    victim, path = tiny_victim
+    meta = json.loads((path / "victim.json").read_text())
+    assert meta["arch"] == "tiny_cnn" and meta["img_size"] == 8 and meta["in_chans"] == 1
+    assert meta["class_names"] == [str(i) for i in range(10)] and meta["split_seed"] == 0
+    assert 0.0 < meta["test_accuracy"] <= 1.0 and len(meta["weights_sha256"]) == 64
+    assert set(meta["normalization"]) == {"mean", "std"}
+    x = torch.rand(7, 1, 8, 8)
+    torch.testing.assert_close(load_bundle(path).predict_probs(x), victim.predict_probs(x))
+
+
+def test_register_and_resolve_by_name_uri_and_path(tiny_victim):
+    victim, path = tiny_victim
+    uri = register_victim(path, "digits-tiny-test")
+    assert uri.startswith("models:/digits-tiny-test/")
+    x = torch.rand(5, 1, 8, 8)
+    expected = victim.predict_probs(x)
+    for spec in (uri, "digits-tiny-test", str(path)):
+        torch.testing.assert_close(resolve_victim(spec).predict_probs(x), expected)
+    second = register_victim(path, "digits-tiny-test")
+    assert int(second.rsplit("/", 1)[1]) == int(uri.rsplit("/", 1)[1]) + 1
+
+
+def test_unknown_registered_name_is_a_clear_error():
+    with pytest.raises(BundleError, match="no registered victim named 'never-trained'"):
+        resolve_victim("never-trained")
+
+
+def test_tampered_weights_fail_the_hash_check(tiny_victim, tmp_path):
+    _, path = tiny_victim
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "victim.json").write_text((path / "victim.json").read_text())
+    (copy / "weights.pt").write_bytes((path / "weights.pt").read_bytes()[:-10])
+    with pytest.raises(BundleError, match="does not match the hash"):
+        load_bundle(copy)
+
+
+def test_attack_run_is_logged_to_mlflow(tiny_victim):
+    import mlflow
+
+    from distributed_me.extraction import AttackSpec
+    from distributed_me.runner import attack_in_process
+
+    victim, _ = tiny_victim
+    spec = AttackSpec(budget=64, arch="tiny_cnn", epochs=1, adv_eval_samples=16)
+    result = attack_in_process(spec, victim=victim, experiment="test-attack-logging")
+    runs = mlflow.search_runs(experiment_names=["test-attack-logging"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["fidelity"] == pytest.approx(result.fidelity)
+    assert run.data.metrics["queries_used"] == 64
+    assert run.data.params["budget"] == "64" and run.data.tags["dme.attack"] == "random"
