@@ -6,8 +6,9 @@ is the defense: it runs inside the victim's ``predict`` (in process or in the Se
 see its output.
 
 Spec strings, as used on the command line and in YAML: ``"probabilities"``, ``"topk:3"``, ``"label"``,
-``"round:2,topk:1"`` (comma = chain, applied left to right; ``name:value`` sets the policy's first parameter,
-``name:field=value`` any of them).
+``"round:2"``, ``"quantize:5"``, ``"noise:0.05"``, ``"reverse_sigmoid:beta=1.0:gamma=0.1"``, and chains such as
+``"round:2,topk:1"`` or ``"quantize:10,topk:1"`` (comma = chain, applied left to right; ``name:value`` sets the
+policy's first parameter, ``name:field=value`` any of them).
 """
 
 from __future__ import annotations
@@ -103,6 +104,108 @@ class Round(OutputPolicy):
 
     def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.round(scores, self.decimals)
+
+
+@register_policy
+class Quantize(OutputPolicy):
+    """Confidence quantization, MEBench's defense (paper 004 §3.5, "Q4: Defenses"), after Google's FER API.
+
+    Defends against extraction attacks that learn from the exact confidence values (soft-label distillation):
+    [0, 1] is cut into ``intervals`` equal-width bins and every score is replaced by the midpoint of its bin
+    (MEBench's example: [0.5, 0.7] → 0.6). Bins are half-open, ``[i/n, (i+1)/n)``, except the last, which also
+    holds 1.0; a score within float32 rounding of a bin edge counts as on the edge (float32 0.7 is 0.69999999, but
+    with ``intervals=10`` it goes to [0.7, 0.8)). Scores outside [0, 1] go to the first / last bin.
+
+    ``intervals``: number of bins (≥ 1; default 5, as Google's five likelihood descriptors "very_unlikely" …
+    "very_likely"). No renormalization: the midpoints are what the client sees. Quantization is monotone, so it
+    can tie the top classes but never reorder them; the API still names the victim's own argmax class.
+    """
+
+    name: ClassVar[str] = "quantize"
+    intervals: int = Field(5, ge=1, description="number of equal-width bins over [0, 1]")
+
+    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n = self.intervals
+        # round in bin units first so float32 representation error at an edge does not drop a score one bin down
+        idx = np.floor(np.round(np.asarray(scores, dtype=np.float64) * n, 6))
+        idx = np.clip(idx, 0, n - 1)
+        return ((idx + 0.5) / n).astype(np.float32)
+
+
+@register_policy
+class Noise(OutputPolicy):
+    """Additive Gaussian noise on the probabilities, then clipped at 0 and renormalized so each row sums to 1.
+
+    Defends against attacks that distil the victim's exact confidence vector (and against equation-solving on it):
+    every answer carries ``N(0, std²)`` noise per class, the classic output-perturbation baseline (ART's
+    postprocessors perturb outputs the same way; cf. Lee et al., S&P Workshops 2019, §II). The noise comes from the
+    chain's generator, so a chain built with the same seed answers the same query sequence identically. A row
+    whose every score clips to 0 falls back to the original row.
+
+    ``std``: standard deviation of the noise, in probability units (≥ 0; default 0.05; 0 leaves a normalized row
+    unchanged). The label follows the noisy scores: a large ``std`` really changes the API's answers.
+    """
+
+    name: ClassVar[str] = "noise"
+    preserves_argmax: ClassVar[bool] = False
+    std: float = Field(0.05, ge=0, description="standard deviation of the Gaussian noise added to each score")
+
+    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        clean = np.asarray(scores, dtype=np.float64)
+        noisy = np.clip(clean + rng.normal(0.0, self.std, size=clean.shape), 0.0, None)
+        total = noisy.sum(axis=1, keepdims=True)
+        dead = total[:, 0] <= 0
+        out = noisy / np.where(total > 0, total, 1.0)
+        out[dead] = clean[dead]
+        return out.astype(np.float32)
+
+
+@register_policy
+class ReverseSigmoid(OutputPolicy):
+    """Reverse sigmoid perturbation: Lee et al., "Defending Against NN Model Stealing Attacks Using Deceptive
+    Perturbations" (IEEE S&P Workshops 2019, §III; arXiv 1806.00054), same formula as ART's
+    ``art/defences/postprocessor/reverse_sigmoid.py``.
+
+    Defends against extraction by distillation on the confidence vector: the perturbation
+    ``r(y) = beta * (sigmoid(gamma * logit(y)) - 0.5)`` pushes scores towards 0.5 by a non-linear amount, so a clone
+    trained on the answers with a cross-entropy loss is misled (its gradients point the wrong way). The answer is
+    ``y' = alpha * clip(y - r(y), 0, 1)`` with ``alpha`` normalizing each row to sum 1; ``logit(y) = log(y / (1-y))``
+    with ``y`` clipped into [1e-6, 1 - 1e-6] (ART clips at 1e-9), so exact 0s and 1s stay finite. A row whose
+    perturbed scores all clip to 0 falls back to the original row. For a single-column (binary, C == 1) score ``y``,
+    as in ART, both ``y`` and ``1 - y`` are perturbed and the answer is ``y'_1 / (y'_1 + y'_2)``.
+
+    ``beta``: magnitude of the perturbation (> 0; default 1.0). ``gamma``: convergence parameter, dataset- and
+    model-specific (> 0; default 0.1). Defaults are ART's. The perturbation raises low scores and lowers high ones,
+    so for a large ``beta`` the top class can flip (beta=5, gamma=0.1: [0.6, 0.4, 0.0] → [0.27, 0.23, 0.50], the
+    zero class on top; beta=20: [0.6, 0.4] → [0.40, 0.60]). ART does not guard against this, and neither do we: the
+    label follows the perturbed scores (``preserves_argmax = False``), the answer the defended API really gives.
+    """
+
+    name: ClassVar[str] = "reverse_sigmoid"
+    preserves_argmax: ClassVar[bool] = False
+    beta: float = Field(1.0, gt=0, description="magnitude of the perturbation")
+    gamma: float = Field(0.1, gt=0, description="convergence parameter (dataset- and model-specific)")
+
+    #: clipping before the logit, so log(0) and division by zero never happen
+    eps: ClassVar[float] = 1e-6
+
+    def _perturbed(self, y: np.ndarray) -> np.ndarray:
+        yc = np.clip(y, self.eps, 1.0 - self.eps)
+        r = self.beta * (1.0 / (1.0 + np.exp(-self.gamma * np.log(yc / (1.0 - yc)))) - 0.5)
+        return np.clip(y - r, 0.0, 1.0)
+
+    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        y = np.asarray(scores, dtype=np.float64)
+        if y.shape[1] == 1:
+            num = self._perturbed(y)
+            total = num + self._perturbed(1.0 - y)
+        else:
+            num = self._perturbed(y)
+            total = num.sum(axis=1, keepdims=True)
+        dead = total[:, 0] <= 0
+        out = num / np.where(total > 0, total, 1.0)
+        out[dead] = y[dead]
+        return out.astype(np.float32)
 
 
 class PolicyChain:
