@@ -90,12 +90,44 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise explain_validation_error(e, "attack") from None
     result = attack_in_process(spec, victim=args.victim, pool=args.pool, output_policy=args.output_policy,
                                data_root=args.data_root, download=args.download, progress=not args.quiet and not
-                               args.json, log_mlflow=not args.no_mlflow, experiment=args.experiment)
+                               args.json, log_mlflow=not args.no_mlflow, experiment=args.experiment,
+                               victim_url=args.victim_url, api_key=args.api_key)
     if args.json:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
     else:
         print(result_table(result.to_dict()))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from .serving.runtime import deploy, flush_query_log, init_ray, shutdown
+    from .serving.spec import load_serve_config
+
+    spec, http = load_serve_config(args.config)  # validated before Ray starts
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    init_ray(args.address, num_cpus=args.num_cpus)
+    try:
+        deploy(spec.model_dump(), host=host, port=port, app_name=args.app_name)
+        base = f"http://{host}:{port}"
+        rows = [(v.name, f"{base}/v1/victims/{v.name}  (policy {v.output_policy})") for v in spec.victims]
+        rows += [("API docs", f"{base}/docs"), ("query log", str(Path(spec.query_log).resolve()))]
+        rows += [(f"key {c.key[:4]}…", f"budget {c.budget if c.budget is not None else 'unlimited'} per victim, "
+                                      f"victims {', '.join(c.victims)}") for c in spec.clients]
+        print(_table(rows, f"serving application {args.app_name!r}"), flush=True)
+        if args.detach:
+            return 0
+        print("Ctrl-C stops the service.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if not args.detach:
+            flush_query_log(args.app_name)
+            shutdown()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -148,11 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--adv-samples", type=int, help="test images used for adversarial fidelity (default: all)")
     _data_args(at)
+    at.add_argument("--victim-url", help="attack through the victim API, e.g. http://127.0.0.1:8000/v1/victims/NAME "
+                                         "(--victim then names the same victim, used only to judge fidelity)")
+    at.add_argument("--api-key", default=os.environ.get("DME_API_KEY"), help="API key for --victim-url "
+                                                                              "(default $DME_API_KEY)")
     at.add_argument("--experiment", default="dme-attacks", help="MLflow experiment")
     at.add_argument("--no-mlflow", action="store_true")
     at.add_argument("--json", action="store_true", help="print the result as one JSON object")
     at.add_argument("-q", "--quiet", action="store_true")
     at.set_defaults(func=cmd_attack)
+
+    sv = sub.add_parser("serve", help="host victims as an MLaaS API on Ray Serve (127.0.0.1 by default)")
+    sv.add_argument("config", nargs="?", default="deployments/local.yaml", help="Serve config YAML")
+    sv.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one) instead of "
+                                      "starting a private one")
+    sv.add_argument("--host", help="HTTP host (default: the config's http_options, else 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="HTTP port (default: the config's http_options, else 8000)")
+    sv.add_argument("--app-name", default="dme")
+    sv.add_argument("--num-cpus", type=int, help="CPUs of a private cluster (default: all)")
+    sv.add_argument("--detach", action="store_true", help="deploy and exit (with --address: the service stays up)")
+    sv.set_defaults(func=cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks (speed, memory, quality) → bench-results/NAME.json")
     bn.add_argument("name", help="benchmark name, e.g. extraction")

@@ -79,6 +79,9 @@ def validate_batch(images: np.ndarray | torch.Tensor, input_shape: tuple[int, in
         raise DmeError("empty query batch: send at least one image")
     if not torch.isfinite(x).all():
         raise DmeError("query batch contains NaN or infinite values")
+    if x.min() < 0 or x.max() > 1:
+        raise DmeError(f"float query images must lie in [0, 1] (got values in [{x.min():.3g}, {x.max():.3g}]); "
+                       "send pixels divided by 255, or uint8 NHWC")
     return x
 
 

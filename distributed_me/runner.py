@@ -6,6 +6,7 @@ import logging
 
 from .data import load_pool
 from .data.base import Pool
+from .errors import DmeError
 from .extraction import AttackSpec, Evaluator, ExtractionResult, run_extraction
 from .oracle import LocalOracle
 from .victims import Victim, embedded_victim, resolve_victim, victim_test_split
@@ -20,6 +21,20 @@ def load_victim(spec: str | None, progress: bool = False) -> Victim:
     if spec in (None, "", EMBEDDED_VICTIM):
         return embedded_victim(progress=progress)[0]
     return resolve_victim(spec)
+
+
+def remote_oracle(url: str, api_key: str | None, judge: Victim):
+    """An HTTP oracle, checked against the judging victim: both must be the same task (classes, input shape)."""
+    from .serving.clients import HttpOracle
+
+    if not api_key:
+        raise DmeError("--victim-url needs --api-key (the key the server's spec gives you)")
+    oracle = HttpOracle(url, api_key)
+    if oracle.info.class_names != list(judge.class_names) or tuple(oracle.info.input_shape) != judge.input_shape:
+        raise DmeError(f"the victim at {url} ({oracle.info.num_classes} classes, input {oracle.info.input_shape}) is "
+                       f"not the judging victim {judge.meta.name!r} ({len(judge.class_names)} classes, input "
+                       f"{judge.input_shape}): pass the same victim with --victim")
+    return oracle
 
 
 def evaluator_for(victim: Victim, data_root: str | None = None, download: bool = False) -> Evaluator:
@@ -56,16 +71,25 @@ def attack_in_process(
     progress: bool = False,
     log_mlflow: bool = True,
     experiment: str = "dme-attacks",
+    victim_url: str | None = None,
+    api_key: str | None = None,
 ) -> ExtractionResult:
+    """One extraction. Queries go to ``victim_url`` over HTTP when given (the victim's output policy is then the
+    server's), else to an in-process oracle over ``victim``. ``victim`` is always the judge: the evaluator reads its
+    test split and unmetered top-1 for fidelity, as the benchmark (not the attacker) may."""
     v = victim if isinstance(victim, Victim) else load_victim(victim, progress)
     p = pool if isinstance(pool, Pool) else load_pool(pool or DEFAULT_POOL, root=data_root, download=download,
                                                     seed=spec.seed)
-    oracle = LocalOracle(v, output_policy, budget=spec.budget, name=v.meta.name, seed=spec.seed)
+    if victim_url:
+        oracle = remote_oracle(victim_url, api_key, v)
+    else:
+        oracle = LocalOracle(v, output_policy, budget=spec.budget, name=v.meta.name, seed=spec.seed)
     spec.build_strategy().check(oracle, p, spec.budget)  # fail before the (slower) evaluator setup
     evaluator = evaluator_for(v, data_root, download)
     result = run_extraction(oracle, p, spec, evaluator, progress=progress)
     if log_mlflow:
         params = {**spec.model_dump(), "victim": v.meta.name, "pool": p.name, "output_policy": oracle.info.returns,
+                  "oracle": "http" if victim_url else "in-process",
                   "output_policy_chain": ",".join(d["name"] for d in oracle.info.policy)}
         tags = {"dme.victim": v.meta.name, "dme.attack": spec.strategy, "dme.budget": str(spec.budget),
                 "dme.defense": params["output_policy_chain"]}

@@ -76,11 +76,12 @@ def _latest_version(name: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
-def resolve_victim(spec: str) -> Victim:
-    """Load a victim from a bundle path, an MLflow model URI (``models:/NAME/VERSION``, ``runs:/...``) or a name."""
+def resolve_bundle_path(spec: str) -> Path:
+    """The local bundle folder of a victim given as a bundle path, an MLflow model URI (``models:/NAME/VERSION``,
+    ``runs:/...``) or a registered name (latest version); MLflow models are downloaded into the cache once."""
     path = Path(spec)
     if path.exists():
-        return load_bundle(path)
+        return path
     if "://" not in spec and ":/" not in spec and ("/" in spec or spec.endswith((".json", ".pt"))):
         raise BundleError(f"victim bundle {spec} does not exist")
     uri = spec if ":/" in spec else f"models:/{spec}/{_latest_version(spec)}"
@@ -96,7 +97,12 @@ def resolve_victim(spec: str) -> Victim:
     found = sorted(dst.rglob(META_FILE))
     if not found:
         raise BundleError(f"MLflow model {uri} holds no dme victim bundle ({META_FILE} not found)")
-    return load_bundle(found[0].parent)
+    return found[0].parent
 
 
-__all__ = ["register_victim", "resolve_victim", "cache_dir"]
+def resolve_victim(spec: str) -> Victim:
+    """Load a victim from a bundle path, an MLflow model URI or a registered name (see :func:`resolve_bundle_path`)."""
+    return load_bundle(resolve_bundle_path(spec))
+
+
+__all__ = ["register_victim", "resolve_bundle_path", "resolve_victim", "cache_dir"]

@@ -1,0 +1,73 @@
+"""Starting Ray and Serve, and deploying a serve spec: the one place that knows how (``dme serve``, tests, sweeps).
+
+Local clusters started here keep every socket on 127.0.0.1: Ray's node address (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``
+makes it loopback, see STACK-NOTES), the HTTP proxy (``http_options.host``) and no dashboard unless asked for.
+``address`` joins an existing cluster instead (``auto`` = the one ``ray start`` made on this machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_APP = "dme"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Connect to ``address`` or start a private single-node cluster on loopback (no-op when already connected)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=DEFAULT_HOST,
+                 logging_level=logging.WARNING)
+    log.info("ray cluster resources: %s", ray.cluster_resources())
+
+
+def deploy(args: dict[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, app_name: str = DEFAULT_APP):
+    """Start Serve's HTTP proxy on ``host:port`` (if Serve is not running yet), deploy the app, return its handle.
+
+    Returns once every deployment is healthy; raises :class:`~distributed_me.errors.DmeError` for a bad spec before
+    anything is deployed.
+    """
+    from ray import serve
+
+    from .app import build_app
+
+    app = build_app(args)  # validates the spec first
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(app, name=app_name, route_prefix="/")
+
+
+def flush_query_log(app_name: str = DEFAULT_APP) -> None:
+    """Compact the application's query-log journal into Parquet (nothing is lost without it; this tidies up)."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.get_deployment_handle("Accountant", app_name).flush.remote().result(timeout_s=30)
+    except Exception as e:  # the app may be gone already
+        log.warning("could not flush the query log of %s: %s", app_name, e)
+
+
+def shutdown() -> None:
+    """Stop Serve and disconnect from Ray (the private cluster stops with it)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

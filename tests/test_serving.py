@@ -1,0 +1,297 @@
+"""The victim API on a real Ray cluster and Ray Serve, every socket on 127.0.0.1.
+
+One application for the module: ``digits`` (2 replicas, probabilities), ``digits-label`` (label only) and
+``digits-auto`` (autoscaling 1..2). Load in these tests is bounded in request count and time.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
+
+BUDGET_KEY, BUDGET = "key-budget-50", 50
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spec(log_dir: str) -> dict:
+    small = {"num_cpus": 0.25, "max_batch_size": 128, "batch_wait_timeout_s": 0.002}
+    return {
+        "query_log": log_dir,
+        "max_request_images": 512,
+        "max_request_mb": 1.0,
+        "victims": [
+            {"name": "digits", "source": "embedded", "num_replicas": 2, **small},
+            {"name": "digits-label", "source": "embedded", "output_policy": "label", **small},
+            {"name": "digits-auto", "source": "embedded", **small, "max_ongoing_requests": 4,
+             "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                             "upscale_delay_s": 0, "downscale_delay_s": 2, "metrics_interval_s": 0.5,
+                             "look_back_period_s": 1}},
+        ],
+        "clients": [
+            {"key": "key-unlimited", "budget": None},
+            {"key": BUDGET_KEY, "budget": BUDGET, "victims": ["digits"]},
+            {"key": "key-kill-test", "budget": None, "victims": ["digits"]},
+            {"key": "key-label-only", "budget": 100000, "victims": ["digits-label"]},
+            {"key": "key-exhaust-1", "budget": 3},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    from distributed_me.serving.runtime import deploy, init_ray, shutdown
+
+    base = tmp_path_factory.getbasetemp()
+    saved = {k: os.environ.get(k) for k in ("DME_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["DME_HOME"] = str(base / "dme-home")  # the session's embedded victim; Ray workers inherit it
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    port = _free_port()
+    log_dir = str(base / "querylog")
+    init_ray(num_cpus=2)
+    deploy(_spec(log_dir), port=port)
+    yield {"url": f"http://127.0.0.1:{port}", "log": log_dir}
+    shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def http(service):
+    with httpx.Client(base_url=service["url"], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def victim(service):
+    from distributed_me.runner import load_victim
+
+    return load_victim(None)
+
+
+def _npy(x: np.ndarray) -> bytes:
+    from distributed_me.serving.codec import encode_npy
+
+    return encode_npy(x)
+
+
+def _predict(http, victim, body, key="key-unlimited", ctype="application/x-npy", **kw):
+    headers = {"Content-Type": ctype, **({"X-API-Key": key} if key else {})}
+    return http.post(f"/v1/victims/{victim}/predict", content=body, headers=headers, **kw)
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).random((n, 1, 16, 16), dtype=np.float32)
+
+
+def test_listing_is_public_metadata_only(http):
+    r = http.get("/v1/victims")
+    assert r.status_code == 200
+    listing = r.json()
+    assert [v["name"] for v in listing] == ["digits", "digits-auto", "digits-label"]
+    d = listing[0]
+    assert d["input_shape"] == [1, 16, 16] and d["class_names"] == [str(i) for i in range(10)]
+    assert {v["name"]: v["returns"] for v in listing}["digits-label"] == "label"
+    text = r.text.lower()
+    assert "weights" not in text and "/tmp" not in text and "source" not in text and "bundle" not in text
+    paths = http.get("/openapi.json").json()["paths"]
+    assert "/v1/victims/{name}/predict" in paths and "/v1/victims/{name}/usage" in paths
+
+
+def test_http_handle_and_in_process_give_identical_answers_and_fidelity(service, victim):
+    from distributed_me.data import load_pool
+    from distributed_me.extraction import AttackSpec, run_extraction
+    from distributed_me.oracle import LocalOracle
+    from distributed_me.runner import evaluator_for
+    from distributed_me.serving.clients import HandleOracle, HttpOracle
+
+    oracles = {
+        "in-process": lambda: LocalOracle(victim, "probabilities"),
+        "http": lambda: HttpOracle(f"{service['url']}/v1/victims/digits", "key-unlimited"),
+        "handle": lambda: HandleOracle("digits", "key-unlimited"),
+    }
+    x = _images(37, seed=3)
+    answers = {k: make().query(x) for k, make in oracles.items()}
+    for k in ("http", "handle"):
+        np.testing.assert_array_equal(answers[k].scores, answers["in-process"].scores)
+        np.testing.assert_array_equal(answers[k].labels, answers["in-process"].labels)
+
+    pool, evaluator = load_pool("photos", n=2000), evaluator_for(victim)
+    spec = AttackSpec(budget=150, arch="tiny_cnn", epochs=2, seed=5, adv_eval_samples=40)
+    results = {k: run_extraction(make(), pool, spec, evaluator) for k, make in oracles.items()}
+    scores = {k: (r.fidelity, r.accuracy, r.adversarial_fidelity, r.queries_used) for k, r in results.items()}
+    assert scores["http"] == scores["in-process"] == scores["handle"], scores
+
+
+def test_label_only_policy_is_applied_inside_the_service(http, victim):
+    r = _predict(http, "digits-label", _npy(_images(5)), key="key-label-only")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["kind"] == "label" and "probabilities" not in body
+    assert body["labels"] == victim.predict_labels(__import__("torch").from_numpy(_images(5))).tolist()
+
+
+def test_budget_across_two_replicas_answers_exactly_n(service, http):
+    from distributed_me.serving.ledger import key_fingerprint, read_query_log
+    from distributed_me.serving.runtime import flush_query_log
+
+    def one(i):
+        return _predict(http, "digits", _npy(_images(5, seed=i)), key=BUDGET_KEY).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(one, range(24)))
+    assert codes.count(200) == BUDGET // 5 and codes.count(429) == 24 - BUDGET // 5, codes
+    usage = http.get("/v1/victims/digits/usage", headers={"X-API-Key": BUDGET_KEY}).json()
+    assert (usage["used"], usage["remaining"]) == (BUDGET, 0)
+    r = _predict(http, "digits", _npy(_images(1)), key=BUDGET_KEY)
+    assert r.status_code == 429 and "budget exhausted" in r.json()["detail"]
+    flush_query_log()
+    log = read_query_log(service["log"]).to_pandas()
+    mine = log[log["key"] == key_fingerprint(BUDGET_KEY)]
+    assert mine["count"].sum() == BUDGET and mine["request_id"].is_unique
+
+
+def _bad_requests():
+    big = np.zeros((513, 1, 16, 16), np.float32)
+    return [
+        ("no key", dict(victim="digits", body=_npy(_images(2)), key=None), 401, "X-API-Key"),
+        ("unknown key", dict(victim="digits", body=_npy(_images(2)), key="who-are-you"), 401, "unknown API key"),
+        ("forbidden victim", dict(victim="digits-label", body=_npy(_images(2)), key=BUDGET_KEY), 403, "may not"),
+        ("unknown victim", dict(victim="nope", body=_npy(_images(2))), 404, "no victim named 'nope'"),
+        ("budget", dict(victim="digits", body=_npy(_images(4)), key="key-exhaust-1"), 429, "budget exhausted"),
+        ("too many images", dict(victim="digits", body=_npy(big)), 413, "limit is 512"),
+        ("too many bytes", dict(victim="digits", body=b"\0" * (2**20 + 10)), 413, "exceeds"),
+        ("not npy", dict(victim="digits", body=b"garbage"), 400, "not a numpy"),
+        ("bad json", dict(victim="digits", body=b"{", ctype="application/json"), 400, "not valid JSON"),
+        ("json shape", dict(victim="digits", body=b'{"images": [1, [2]]}', ctype="application/json"), 422, "nested"),
+        ("content type", dict(victim="digits", body=b"x", ctype="text/plain"), 415, "application/x-npy"),
+        ("nan", dict(victim="digits", body=_npy(np.full((2, 1, 16, 16), np.nan, np.float32))), 422, "NaN"),
+        ("inf", dict(victim="digits", body=_npy(np.full((2, 1, 16, 16), np.inf, np.float32))), 422, "infinite"),
+        ("empty batch", dict(victim="digits", body=_npy(np.zeros((0, 1, 16, 16), np.float32))), 422, "empty"),
+        ("channels", dict(victim="digits", body=_npy(np.zeros((2, 3, 16, 16), np.float32))), 422, "(N, 1, 16, 16)"),
+        ("range", dict(victim="digits", body=_npy(np.full((2, 1, 16, 16), 7, np.float32))), 422, "[0, 1]"),
+        ("bad input, no key", dict(victim="digits", body=b"garbage", key=None), 401, "X-API-Key"),
+    ]
+
+
+@pytest.mark.parametrize("case,kwargs,status,needle", _bad_requests(), ids=[c[0] for c in _bad_requests()])
+def test_bad_requests_get_a_json_4xx_and_service_keeps_serving(http, case, kwargs, status, needle):
+    r = _predict(http, **kwargs)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"]
+    ok = _predict(http, "digits", _npy(_images(3)))
+    assert ok.status_code == 200 and len(ok.json()["labels"]) == 3
+
+
+def test_json_requests_work_too(http):
+    x = _images(2)
+    r = _predict(http, "digits", json.dumps({"images": x.tolist()}).encode(), ctype="application/json")
+    a = _predict(http, "digits", _npy(x))
+    assert r.status_code == 200 and r.json() == a.json()
+
+
+def _serve_replicas(deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications["dme"].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def _wait(cond, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.25)
+    return time.monotonic() - t0
+
+
+def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http):
+    import ray
+
+    from distributed_me.serving.ledger import key_fingerprint, read_query_log
+    from distributed_me.serving.runtime import flush_query_log
+
+    key, n_requests = "key-kill-test", 240
+    answered, refused = [], []
+
+    def client(i):
+        r = _predict(http, "digits", _npy(_images(4, seed=i)), key=key)
+        (answered if r.status_code == 200 else refused).append((i, r.status_code))
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "victim-digits#" in a["name"]]
+    assert len(replicas) == 2
+    with ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(client, i) for i in range(n_requests)]
+        _wait(lambda: len(answered) >= 30, 60, "load to build up")
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        for f in futures:
+            f.result(timeout=120)
+    assert {code for _, code in refused} <= {503}, refused
+    assert len(answered) + len(refused) == n_requests and len(answered) > 30
+    _wait(lambda: _serve_replicas("victim-digits") == 2, 120, "the killed replica to be replaced")
+    usage = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key}).json()
+    flush_query_log()
+    log = read_query_log(service["log"]).to_pandas()
+    mine = log[log["key"] == key_fingerprint(key)]
+    assert usage["used"] == 4 * len(answered) == mine["count"].sum()
+    assert mine["request_id"].is_unique and len(mine) == len(answered)
+
+
+def test_autoscaling_up_under_load_and_back_down(http):
+    assert _serve_replicas("victim-digits-auto") == 1
+    stop = threading.Event()
+    deadline = time.monotonic() + 90  # the load stops by itself
+
+    def load(i):
+        n = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            _predict(http, "digits-auto", _npy(_images(64, seed=i * 1000 + n)))
+            n += 1
+
+    with ThreadPoolExecutor(6) as ex:
+        for i in range(6):
+            ex.submit(load, i)
+        try:
+            up = _wait(lambda: _serve_replicas("victim-digits-auto") == 2, 80, "scale-up to 2 replicas")
+        finally:
+            stop.set()
+    down = _wait(lambda: _serve_replicas("victim-digits-auto") == 1, 90, "scale-down to 1 replica")
+    print(f"autoscaling: 1→2 replicas after {up:.1f}s of load, back to 1 after {down:.1f}s idle")
+
+
+def test_dme_attack_through_http(service, http, capsys):
+    from distributed_me.cli import main
+
+    before = http.get("/v1/victims/digits/usage", headers={"X-API-Key": "key-unlimited"}).json()["used"]
+    code = main(["attack", "--victim-url", f"{service['url']}/v1/victims/digits", "--api-key", "key-unlimited",
+                 "--budget", "120", "--epochs", "1", "--arch", "tiny_cnn", "--adv-samples", "20", "--json",
+                 "--no-mlflow"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert json.loads(out)["queries_used"] == 120
+    after = http.get("/v1/victims/digits/usage", headers={"X-API-Key": "key-unlimited"}).json()["used"]
+    assert after - before == 120
+
+
+def test_dme_attack_wrong_key_is_one_clear_error(service, capsys):
+    from distributed_me.cli import main
+
+    code = main(["attack", "--victim-url", f"{service['url']}/v1/victims/digits", "--api-key", "bad-key-123",
+                 "--budget", "10", "--no-mlflow"])
+    assert code == 2 and "HTTP 401" in capsys.readouterr().err
