@@ -130,6 +130,78 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown()
 
 
+def trial_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows of numbers and names as an aligned text table (floats to 4 places)."""
+    def fmt(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+SWEEP_COLUMNS = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "seed", "accuracy", "fidelity",
+                 "adversarial_fidelity", "queries_used", "seconds_total"]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep.spec import load_sweep
+
+    if args.resume and args.spec:
+        raise DmeError("give a sweep file or --resume NAME, not both")
+    spec = None if args.resume else load_sweep(args.spec or "sweeps/quickstart.yaml", args.preset)
+    if args.dry_run:
+        assert spec is not None
+        grid = spec.grid()
+        print(f"sweep {spec.name!r}: valid; {len(grid) if spec.search.kind == 'grid' else spec.search.num_samples} "
+              f"trials ({spec.search.kind})")
+        return 0
+    from .sweep.runner import run_sweep
+
+    out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
+                    verbose=0 if args.quiet else 1)
+    rows = sorted(out.rows, key=lambda r: tuple(str(r.get(c)) for c in SWEEP_COLUMNS[:8]))
+    print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
+          f"(MLflow parent run {out.parent_run_id})")
+    print(trial_table(rows, SWEEP_COLUMNS))
+    for e in out.errors:
+        print(f"failed: {e}", file=sys.stderr)
+    print(f"\nBrowse: dme ui    Report: dme report {out.name}")
+    return 1 if out.errors else 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .tracking import tracking_uri
+
+    uri = tracking_uri()
+    if "://" in uri and not uri.startswith(("sqlite:", "file:")):
+        print(f"the tracking store is a server already: open {uri}")
+        return 0
+    url = f"http://127.0.0.1:{args.port}"
+    query = f"/#/experiments?searchFilter=tags.%60dme.sweep%60%20%3D%20%27{args.sweep}%27" if args.sweep else ""
+    print(f"MLflow UI for {uri} at {url}{query}  (Ctrl-C stops it)", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+           str(args.port), "--workers", "1"]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.sweep, Path(args.out) if args.out else None, experiment=args.experiment)
+    print(out.table)
+    print(f"\nreport: {out.markdown}\nplots: {', '.join(str(p) for p in out.plots)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -201,11 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--detach", action="store_true", help="deploy and exit (with --address: the service stays up)")
     sv.set_defaults(func=cmd_serve)
 
+    sw = sub.add_parser("sweep", help="run a sweep of attack trials on Ray Tune against victims on Ray Serve")
+    sw.add_argument("spec", nargs="?", help="sweep YAML (default sweeps/quickstart.yaml)")
+    sw.add_argument("--preset", help="apply one of the sweep's presets (e.g. cpu-small, full)")
+    sw.add_argument("--resume", metavar="NAME", help="resume sweep NAME: finished trials are not run again")
+    sw.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one)")
+    sw.add_argument("--num-cpus", type=int, help="CPUs of a private cluster (default: all)")
+    sw.add_argument("--dry-run", action="store_true", help="validate the spec and count trials, run nothing")
+    sw.add_argument("-q", "--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, bound to 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--sweep", help="open filtered to this sweep's runs")
+    ui.set_defaults(func=cmd_ui)
+
+    rp = sub.add_parser("report", help="Markdown report with PNG plots of a sweep, read from MLflow")
+    rp.add_argument("sweep", help="sweep name")
+    rp.add_argument("--out", help="folder (default reports/SWEEP)")
+    rp.add_argument("--experiment", default=None, help="MLflow experiment (default: found by the sweep's tag)")
+    rp.set_defaults(func=cmd_report)
+
     bn = sub.add_parser("bench", help="benchmarks (speed, memory, quality) → bench-results/NAME.json")
     bn.add_argument("name", help="benchmark name, e.g. extraction")
     bn.add_argument("--data-dir", default=None, help="folder with the shared .npz data (default: ../shared/data)")
     bn.add_argument("--epochs", type=int, default=None)
     bn.add_argument("--quick", action="store_true", help="a small version for smoke tests")
+    bn.add_argument("--victim", default=None, help="victim of the serve bench: a bundle folder or name "
+                                                   "(default: the embedded one)")
     bn.add_argument("--out", default="bench-results")
     bn.set_defaults(func=cmd_bench)
     return p

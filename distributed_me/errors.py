@@ -46,6 +46,12 @@ def explain_validation_error(e: Exception, what: str) -> DmeError:
     """Turn a pydantic ``ValidationError`` into one line per problem: field, bad value, what is allowed."""
     lines = []
     for err in getattr(e, "errors", lambda: [])():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "(root)"
-        lines.append(f"{what} field {loc!r} = {err.get('input')!r}: {err.get('msg')}")
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if not loc:  # a whole-model check: its message names the fields itself
+            lines.append(f"{what}: {msg}")
+            continue
+        value = repr(err.get("input"))
+        value = value if len(value) <= 200 else value[:200] + "…"
+        lines.append(f"{what} field {loc!r} = {value}: {msg}")
     return DmeError("\n".join(lines) or f"invalid {what}: {e}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -108,9 +108,12 @@ class ExtractionResult:
     seconds: dict[str, float]
     history: list[dict] = field(default_factory=list)
     spec: dict = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the piracy model
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, model=None))  # replace first: asdict would deep-copy the model
+        del d["model"]
+        return d
 
 
 def run_extraction(
@@ -161,5 +164,6 @@ def run_extraction(
         seconds=seconds,
         history=result.history,
         spec=spec.model_dump(),
+        model=result.model,
         **scores,
     )

@@ -1,7 +1,10 @@
-"""MLflow plumbing shared by victims, attacks and sweeps (MLflow, not Ray: safe in the core).
+"""MLflow plumbing shared by victims, attacks, sweeps and reports (MLflow, not Ray: safe in the core).
 
-The tracking URI is ``MLFLOW_TRACKING_URI`` when set, otherwise MLflow 3's own default, a SQLite store
-``mlflow.db`` in the working directory (the ``file:`` store is in maintenance mode). ``dme ui`` serves the same store.
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set, otherwise one SQLite store for everything this machine runs:
+``sqlite:///$DME_HOME/mlflow.db`` (``DME_HOME`` defaults to ``~/.cache/distributed_me``), with artifacts beside it in
+``$DME_HOME/mlartifacts``. One fixed place, not the working directory, because ``ray job submit`` runs the driver in
+a temporary copy of the working directory: a store there would vanish with it. ``dme ui`` serves the same store.
+(The ``file:`` store is in maintenance mode in MLflow 3, so SQLite it is.)
 """
 
 from __future__ import annotations
@@ -16,19 +19,46 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def tracking_uri() -> str:
-    import mlflow
+def dme_home() -> Path:
+    return Path(os.environ.get("DME_HOME", Path.home() / ".cache" / "distributed_me")).expanduser()
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+
+def tracking_uri() -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    home = dme_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home.resolve() / 'mlflow.db'}"
+
+
+def _local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
 def ensure_experiment(name: str) -> str:
-    """Create the experiment if needed (once, in the driver: concurrent creation collides on SQLite)."""
+    """Create the experiment if needed (once, in the driver: concurrent creation collides on SQLite).
+
+    Local stores get their artifacts under ``$DME_HOME/mlartifacts/NAME`` (MLflow would otherwise use ``./mlruns`` of
+    whatever directory the process happens to run in); a tracking server keeps its own artifact root.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else mlflow.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if _local_store(uri):
+        location = (dme_home() / "mlartifacts" / name).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it in between
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:

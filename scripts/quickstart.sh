@@ -6,4 +6,4 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 .venv/bin/dme attack "$@"
 echo
-echo "Browse the run: .venv/bin/mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1"
+echo "Browse the runs: .venv/bin/dme ui   (MLflow UI on 127.0.0.1)"

@@ -9,3 +9,9 @@
 
 Import submodules directly; this ``__init__`` imports nothing so that ``serving.clients.HttpOracle`` stays Ray-free.
 """
+
+import os as _os
+
+# Ray reads this when it is imported: 0 keeps a private cluster's node address on 127.0.0.1 (see STACK-NOTES).
+# Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 yourself to run a driver that must be reachable from other nodes.
+_os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -265,4 +265,4 @@ def resolve_bundle(source: str) -> str | None:
 
     if source in ("", EMBEDDED_VICTIM):
         return str(embedded_victim(progress=False)[1])
-    return str(resolve_bundle_path(source))
+    return str(resolve_bundle_path(source).resolve())

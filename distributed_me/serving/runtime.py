@@ -20,11 +20,11 @@ DEFAULT_PORT = 8000
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Connect to ``address`` or start a private single-node cluster on loopback (no-op when already connected)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
@@ -33,19 +33,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     log.info("ray cluster resources: %s", ray.cluster_resources())
 
 
-def deploy(args: dict[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, app_name: str = DEFAULT_APP):
-    """Start Serve's HTTP proxy on ``host:port`` (if Serve is not running yet), deploy the app, return its handle.
+def deploy(args: dict[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, app_name: str = DEFAULT_APP,
+           route_prefix: str = "/", http: bool = True):
+    """Start Serve (if it is not running yet) and deploy the app; return its ingress handle.
 
-    Returns once every deployment is healthy; raises :class:`~distributed_me.errors.DmeError` for a bad spec before
-    anything is deployed.
+    ``http=False`` starts Serve without its HTTP proxy (a sweep's private cluster reaches victims by handles only,
+    and must not fight another service for the port). Returns once every deployment is healthy; raises
+    :class:`~distributed_me.errors.DmeError` for a bad spec before anything is deployed.
     """
     from ray import serve
 
     from .app import build_app
 
     app = build_app(args)  # validates the spec first
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(app, name=app_name, route_prefix="/")
+    if http:
+        serve.start(http_options={"host": host, "port": port})
+    else:
+        serve.start(proxy_location="Disabled")
+    return serve.run(app, name=app_name, route_prefix=route_prefix)
 
 
 def flush_query_log(app_name: str = DEFAULT_APP) -> None:

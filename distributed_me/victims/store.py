@@ -7,7 +7,6 @@ dme bundle (``models:/NAME/VERSION``) and a model MLflow itself can load and ``p
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,9 @@ except ImportError:  # pragma: no cover
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DME_HOME", Path.home() / ".cache" / "distributed_me"))
+    from ..tracking import dme_home
+
+    return dme_home()
 
 
 def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victims") -> str:

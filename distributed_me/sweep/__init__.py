@@ -1,0 +1,13 @@
+"""Sweeps on Ray Tune (this package may import Ray; the core library never does).
+
+- :mod:`.spec` — the typed sweep spec and its grid (plain Python);
+- :mod:`.tracking` — MLflow parent/child runs (plain Python);
+- :mod:`.trial` — the Tune trainable: one attack through a Serve handle;
+- :mod:`.runner` — ``run_sweep``: deploy victims, run Tune, record in MLflow, resume.
+"""
+
+import os as _os
+
+# Ray reads this when it is imported: 0 keeps a private cluster's node address on 127.0.0.1 (see STACK-NOTES).
+# Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 yourself to run a driver that must be reachable from other nodes.
+_os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,0 +1,204 @@
+"""``dme sweep``: a validated SweepSpec → victims on Serve → one Tune trial per factor combination → MLflow.
+
+The driver
+1. validates the spec (before Ray starts) and keeps a copy in the sweep folder (``$DME_HOME/sweeps/NAME``);
+2. joins or starts a Ray cluster (on 127.0.0.1 when private) and deploys one Serve application for the sweep: one
+   victim deployment per victim × output policy, shared by every trial, plus the accounting replica;
+3. opens the MLflow parent run (spec artifact, git commit, package versions, cluster resources);
+4. runs a Tune grid (or an Optuna search, optionally with ASHA) with per-trial resources — GPUs only when the
+   cluster has them — and retries failed trials; ``--resume NAME`` restores the Tune experiment instead, so finished
+   trials are not run again;
+5. closes the parent run with a summary and returns one row per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DmeError
+from ..tracking import dme_home, ensure_experiment, tracking_uri
+from .spec import FACTORS, SweepSpec, parse_sweep
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "dme-sweep.json"
+RESULT_KEYS = ("accuracy", "fidelity", "adversarial_fidelity", "queries_used", "victim_accuracy",
+               "seconds_selection", "seconds_query", "seconds_train", "seconds_eval", "seconds_total")
+
+
+def sweeps_dir() -> Path:
+    return Path(os.environ.get("DME_SWEEP_DIR") or dme_home() / "sweeps").expanduser().resolve()
+
+
+def app_name(sweep: str) -> str:
+    return f"sweep-{sweep}"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    rows: list[dict[str, Any]]
+    errors: list[str]
+    path: Path
+
+
+def save_spec(spec: SweepSpec, preset: str | None, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPEC_FILE).write_text(json.dumps({"preset": preset, "spec": spec.model_dump(mode="json")}, indent=2))
+
+
+def load_saved(name: str) -> tuple[SweepSpec, str | None, Path]:
+    folder = sweeps_dir() / name
+    f = folder / SPEC_FILE
+    if not f.is_file():
+        known = sorted(p.name for p in sweeps_dir().glob("*") if (p / SPEC_FILE).is_file()) if sweeps_dir().is_dir() \
+            else []
+        raise DmeError(f"no sweep named {name!r} to resume in {sweeps_dir()}; known: {', '.join(known) or 'none'}")
+    doc = json.loads(f.read_text())
+    return parse_sweep(doc["spec"]), doc.get("preset"), folder
+
+
+def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
+    r = spec.resources
+    victims = [{"name": spec.deployment_name(v.name, p), "source": v.source, "output_policy": p,
+                "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
+                "max_ongoing_requests": 64} for v in spec.victims for p in spec.policies]
+    return {"victims": victims, "clients": [], "query_log": str(query_log)}
+
+
+def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
+    from ray import tune
+
+    if spec.search.kind == "grid":
+        return {"factors": tune.grid_search(spec.grid()), "ctx": ctx}
+    a = spec.attack
+    axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "strategy": a.strategy,
+            "budget": a.budget, "arch": a.arch, "optimizer": a.optimizer, "lr": a.lr, "pretrained": a.pretrained,
+            "augment": a.augment, "epochs": a.epochs, "seed": a.seed}
+    factors: dict[str, Any] = {k: (v[0] if len(v) == 1 else tune.choice(v)) for k, v in axes.items()}
+    for k, dist in spec.search.space.items():
+        d = dist.model_dump()
+        if d["loguniform"]:
+            factors[k] = tune.loguniform(*d["loguniform"])
+        elif d["uniform"]:
+            factors[k] = tune.uniform(*d["uniform"])
+        elif d["randint"]:
+            factors[k] = tune.randint(d["randint"][0], d["randint"][1] + 1)
+        else:
+            factors[k] = tune.choice(d["choice"])
+    return {"factors": factors, "ctx": ctx}
+
+
+def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resume_path: Path | None,
+           verbose: int):
+    from ray import tune
+
+    from .trial import run_trial
+
+    r = spec.resources
+    resources = {"cpu": r.cpus_per_trial, **({"gpu": r.gpu_fraction} if gpus else {})}
+    trainable = tune.with_resources(run_trial, resources)
+    if resume_path is not None:
+        return tune.Tuner.restore(str(resume_path), trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=True, param_space=_param_space(spec, ctx))
+    search_alg = scheduler = None
+    if spec.search.kind == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=0)
+    if spec.asha is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(spec.attack.epochs) + 1,
+                                  grace_period=spec.asha.grace_period, reduction_factor=spec.asha.reduction_factor)
+    needs_metric = search_alg is not None or scheduler is not None
+    tune_config = tune.TuneConfig(
+        num_samples=spec.search.num_samples if spec.search.kind == "optuna" else 1,
+        search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
+        metric=spec.search.metric if needs_metric else None, mode=spec.search.mode if needs_metric else None)
+    run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=verbose,
+                                failure_config=tune.FailureConfig(max_failures=spec.retries))
+    return tune.Tuner(trainable, param_space=_param_space(spec, ctx), tune_config=tune_config, run_config=run_config)
+
+
+def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resume: str | None = None,
+              address: str | None = None, num_cpus: int | None = None, verbose: int = 1) -> SweepOutcome:
+    """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring."""
+    import ray
+    from ray import serve
+
+    from ..serving.app import cluster_has_gpus, resolve_bundle
+    from ..serving.runtime import deploy, flush_query_log, init_ray
+    from . import tracking
+
+    storage = sweeps_dir()
+    if resume:
+        spec, preset, folder = load_saved(resume)
+        if not (folder / spec.name).exists():
+            raise DmeError(f"sweep {resume!r} never reached Tune (no experiment state in {folder}); start it again "
+                           "without --resume")
+    else:
+        assert spec is not None
+        folder = storage / spec.name
+        if (folder / spec.name).exists():
+            raise DmeError(f"sweep {spec.name!r} already exists in {folder}: resume it with `dme sweep --resume "
+                           f"{spec.name}`, or give the sweep another name")
+        save_spec(spec, preset, folder)
+
+    if Path(spec.pool).expanduser().exists():  # trials run in Tune's trial folders: relative paths must not leak
+        spec = spec.model_copy(update={"pool": str(Path(spec.pool).expanduser().resolve())})
+    init_ray(address, num_cpus=num_cpus)
+    gpus = cluster_has_gpus()
+    exp_id = ensure_experiment(spec.experiment)
+    parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
+    if parent:
+        tracking.reopen_parent(parent)
+    else:
+        parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
+                                       ray.cluster_resources(), preset)
+    status, error, summary = "FAILED", None, None
+    try:
+        bundles = {v.name: resolve_bundle(v.source) for v in spec.victims}
+        # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
+        deploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
+               route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")))
+        ctx = {"spec": spec.model_dump(mode="json"), "app_name": app_name(spec.name), "tracking_uri": tracking_uri(),
+               "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
+               "cpus_per_trial": spec.resources.cpus_per_trial}
+        tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, verbose)
+        grid = tuner.fit()
+        rows, errors = [], []
+        for res in grid:
+            if res.error is not None:
+                errors.append(f"{res.path}: {res.error}")
+                continue
+            m = res.metrics or {}
+            factors = (res.config or {}).get("factors", {})
+            rows.append({**{k: factors.get(k) for k in FACTORS}, **{k: m.get(k) for k in RESULT_KEYS},
+                         "mlflow_run_id": m.get("mlflow_run_id"), "done": bool(m.get("done"))})
+        status = "FINISHED" if not errors else "FAILED"
+        error = "\n".join(errors) or None
+        done = [r for r in rows if r["done"]]
+        summary = {"trials": len(rows) + len(errors), "trials_failed": len(errors), "trials_finished": len(done)}
+        if done:
+            summary["best_fidelity"] = max(r["fidelity"] for r in done)
+        return SweepOutcome(spec.name, parent, rows, errors, folder)
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted; resume with `dme sweep --resume NAME`"
+        raise
+    except BaseException as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        flush_query_log(app_name(spec.name))
+        try:
+            serve.delete(app_name(spec.name))
+        except Exception as e:  # the cluster may be gone
+            log.warning("could not delete the sweep's Serve app: %s", e)
+        tracking.end_parent(parent, status, summary, error)

@@ -1,0 +1,266 @@
+"""The sweep spec: a YAML file in ``sweeps/`` validated into a typed model before anything starts. No Ray here.
+
+A sweep is a grid over victims × output policies (defenses) × attacker choices (strategy, budget, piracy architecture,
+optimizer and LR, pre-training, augmentation, epochs, seeds), or an Optuna search over attacker hyper-parameters with a
+trial budget. Every list-valued factor is a grid axis; a scalar is fixed. A *preset* (``--preset cpu-small``) is a
+set of overrides deep-merged into the spec, so one file carries a paper-scale and a laptop-scale version.
+
+Validation covers names (strategy, architecture, optimizer, policy, pool), values (budgets > 0, …) and capabilities:
+a strategy that needs confidence scores crossed with a label-only policy is an error here, naming both.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..attacks import ATTACKS
+from ..defenses import parse_policy
+from ..errors import DmeError, explain_validation_error
+from ..models import MODELS
+from ..train import OPTIMIZERS
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FACTORS = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs",
+           "seed")
+
+
+def _listify(v: Any) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+class VictimRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    source: str = "embedded"
+
+    @field_validator("name")
+    @classmethod
+    def _url_safe(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+
+class AttackFactors(BaseModel):
+    """Attacker choices; a list is a grid axis, a scalar is fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: list[str] = ["random"]
+    strategy_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per strategy name")
+    budget: list[int] = [1000]
+    arch: list[str] = ["cnn32"]
+    optimizer: list[str] = ["adam"]
+    lr: list[float | None] = [None]
+    pretrained: list[bool | str] = [False]
+    augment: list[bool] = [True]
+    epochs: list[int] = [10]
+    seed: list[int] = [0]
+    batch_size: int = Field(64, gt=1)
+
+    @field_validator("strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs", "seed",
+                     mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> list:
+        return _listify(v)
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        return [_known(ATTACKS, s) for s in v]
+
+    @field_validator("arch")
+    @classmethod
+    def _archs(cls, v: list[str]) -> list[str]:
+        return [_known(MODELS, a) for a in v]
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizers(cls, v: list[str]) -> list[str]:
+        return [_known(OPTIMIZERS, o) for o in v]
+
+    @field_validator("budget", "epochs")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        bad = [x for x in v if x <= 0]
+        if bad:
+            raise ValueError(f"must be positive, got {bad}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: list[float | None]) -> list[float | None]:
+        bad = [x for x in v if x is not None and x <= 0]
+        if bad:
+            raise ValueError(f"learning rates must be positive (or null = the optimizer's paper default), got {bad}")
+        return v
+
+
+def _known(registry, name: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
+    return name
+
+
+class Distribution(BaseModel):
+    """One Optuna search dimension: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Distribution":
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice (got {given or 'none'})")
+        return self
+
+
+class Search(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["grid", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="optuna: number of trials (the trial budget)")
+    metric: str = "fidelity"
+    mode: Literal["max", "min"] = "max"
+    space: dict[Literal["lr", "epochs", "budget", "optimizer", "arch", "augment"], Distribution] = Field(
+        default_factory=dict, description="optuna: attacker hyper-parameters to search")
+
+    @model_validator(mode="after")
+    def _space_needs_optuna(self) -> "Search":
+        if self.space and self.kind != "optuna":
+            raise ValueError("a search space needs kind: optuna")
+        if self.kind == "optuna" and not self.space:
+            raise ValueError("kind: optuna needs a search space (e.g. lr: {loguniform: [1e-4, 1e-2]})")
+        return self
+
+
+class Asha(BaseModel):
+    """ASHA early stopping on the per-epoch fidelity (needs ``eval_every_epoch``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpu_fraction: float = Field(0.5, gt=0, le=1, description="per trial, used only when the cluster has GPUs")
+    victim_cpus: float = Field(0.0, ge=0, description="logical CPUs per victim replica on Serve (0: victims are "
+                                                     "cheap next to training, and must not block trial slots)")
+    victim_replicas: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    experiment: str = Field("dme-sweeps", description="MLflow experiment")
+    pool: str = "photos"
+    pool_options: dict[str, Any] = Field(default_factory=dict)
+    victims: list[VictimRef] = Field(default_factory=lambda: [VictimRef(name="digits")], min_length=1)
+    policies: list[str] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
+    attack: AttackFactors = Field(default_factory=AttackFactors)
+    search: Search = Field(default_factory=Search)
+    asha: Asha | None = None
+    eval_every_epoch: bool = True
+    adv_eval_samples: int | None = Field(200, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+    retries: int = Field(1, ge=0, description="times a failed trial is retried")
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                parse_policy(p)
+            except DmeError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _capabilities(self) -> "SweepSpec":
+        for strategy in self.attack.strategy:
+            cls = ATTACKS.get(strategy)
+            try:
+                cls(**self.attack.strategy_options.get(strategy, {}))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"attack.strategy_options.{strategy}.{'.'.join(map(str, err['loc']))} = "
+                                 f"{err.get('input')!r}: {err['msg']} (options: {', '.join(cls.model_fields)})")
+            for policy in self.policies:
+                returns = parse_policy(policy).returns
+                if returns not in cls.accepts:
+                    raise ValueError(f"attack strategy {strategy!r} needs an API that returns "
+                                     f"{' or '.join(cls.accepts)}, but policy {policy!r} returns {returns!r}: "
+                                     f"drop one of them from the grid")
+        names = [v.name for v in self.victims]
+        if len(set(names)) != len(names):
+            raise ValueError(f"victim names must be unique, got {names}")
+        if self.asha is not None and not self.eval_every_epoch:
+            raise ValueError("asha needs eval_every_epoch: true (it stops trials on per-epoch fidelity)")
+        return self
+
+    # ------------------------------------------------------------------ the grid
+    def deployment_name(self, victim: str, policy: str) -> str:
+        """The Serve victim name for one victim × policy pair (one deployment each, shared by all trials)."""
+        i = self.policies.index(policy)
+        return f"{victim}--p{i}"
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every factor combination, in a stable order (one dict of FACTORS per trial)."""
+        a = self.attack
+        axes = [[v.name for v in self.victims], self.policies, a.strategy, a.budget, a.arch, a.optimizer, a.lr,
+                a.pretrained, a.augment, a.epochs, a.seed]
+        return [dict(zip(FACTORS, combo)) for combo in itertools.product(*axes)]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def parse_sweep(doc: dict[str, Any], preset: str | None = None) -> SweepSpec:
+    """Validate a sweep document (after applying ``preset``); errors name field, value and what is allowed."""
+    if preset:
+        presets = doc.get("presets") or {}
+        if preset not in presets:
+            raise DmeError(f"unknown preset {preset!r}; this sweep has: {', '.join(presets) or 'none'}")
+        doc = deep_merge({k: v for k, v in doc.items()}, presets[preset])
+    try:
+        return SweepSpec.model_validate(doc)
+    except ValidationError as e:
+        raise explain_validation_error(e, "sweep") from None
+
+
+def load_sweep(path: str | Path, preset: str | None = None) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise DmeError(f"sweep file {path} not found; see sweeps/quickstart.yaml for an example")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DmeError(f"sweep file {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise DmeError(f"sweep file {path} must hold a mapping (name:, victims:, attack:, ...)")
+    return parse_sweep(doc, preset)

@@ -1,0 +1,132 @@
+"""MLflow records of a sweep: one parent run per sweep, one child run per trial attempt. No Ray here.
+
+Explicit :class:`mlflow.MlflowClient` calls rather than the fluent API: trials run in threads of Tune's actors, where
+a process-global "active run" would be shared, and every run must end with a definite status (FINISHED, FAILED with
+the error, or KILLED when a resumed sweep finds a run its dead driver left RUNNING).
+
+Tags make a sweep filterable in the UI: ``dme.sweep``, ``dme.kind`` (``sweep`` / ``trial``), and on trials
+``dme.attack``, ``dme.victim``, ``dme.defense``, ``dme.budget``, ``dme.trial_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..tracking import ensure_experiment, git_commit, tracking_uri
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "torchvision", "ray", "mlflow", "timm", "optuna", "numpy", "pydantic", "distributed_me")
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def find_parent(experiment: str, sweep: str) -> str | None:
+    """The parent run of sweep ``sweep`` (the newest, if a name was reused), or ``None``."""
+    exp_id = ensure_experiment(experiment)
+    runs = client().search_runs([exp_id], f"tags.`dme.sweep` = '{sweep}' and tags.`dme.kind` = 'sweep'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent(experiment: str, sweep: str, spec: dict, cluster: dict[str, float], preset: str | None) -> str:
+    """Create the sweep's parent run with the spec as an artifact, git commit, package versions, cluster resources."""
+    exp_id = ensure_experiment(experiment)
+    c = client()
+    run = c.create_run(exp_id, run_name=f"sweep {sweep}", tags={
+        "dme.kind": "sweep", "dme.sweep": sweep, "dme.git_commit": git_commit(), "dme.preset": preset or "",
+        "dme.python": platform.python_version()})
+    rid = run.info.run_id
+    from mlflow.entities import Param
+
+    params = [Param(f"package.{k}", v) for k, v in package_versions().items()]
+    params += [Param(f"cluster.{k}", str(v)) for k, v in sorted(cluster.items()) if not k.startswith("node:")]
+    c.log_batch(rid, params=params)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "sweep.json"
+        path.write_text(json.dumps(spec, indent=2, default=str))
+        c.log_artifact(rid, str(path))
+    return rid
+
+
+def reopen_parent(run_id: str) -> None:
+    """On resume: the parent runs again, and child runs its dead driver left RUNNING are marked KILLED."""
+    c = client()
+    c.update_run(run_id, status="RUNNING")
+    run = c.get_run(run_id)
+    stale = c.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                                                    "attributes.status = 'RUNNING'", max_results=10000)
+    for r in stale:
+        c.set_tag(r.info.run_id, "dme.error", "driver died while this trial ran; the trial was resumed as a new run")
+        c.set_terminated(r.info.run_id, status="KILLED")
+    if stale:
+        log.info("marked %d stale trial runs KILLED", len(stale))
+
+
+def end_parent(run_id: str, status: str, summary: dict[str, float] | None = None, error: str | None = None) -> None:
+    c = client()
+    if summary:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
+    if error:
+        c.set_tag(run_id, "dme.error", error[:5000])
+    c.set_terminated(run_id, status=status)
+
+
+class TrialRun:
+    """A child run for one trial attempt; use as a context manager so it always ends with a status."""
+
+    def __init__(self, experiment_id: str, parent_run_id: str, sweep: str, name: str, factors: dict[str, Any],
+                 extra_tags: dict[str, str] | None = None):
+        self.client = client()
+        tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
+                "dme.attack": str(factors["strategy"]), "dme.victim": str(factors["victim"]),
+                "dme.defense": str(factors["policy"]), "dme.budget": str(factors["budget"]),
+                "dme.git_commit": git_commit(), **(extra_tags or {})}
+        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in factors.items()])
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def __enter__(self) -> "TrialRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.client.set_terminated(self.run_id, status="FINISHED")
+        else:
+            self.client.set_tag(self.run_id, "dme.error", f"{type(exc).__name__}: {exc}"[:5000])
+            self.client.set_terminated(self.run_id, status="FAILED")
+        return False

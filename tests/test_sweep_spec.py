@@ -1,0 +1,90 @@
+"""Sweep specs are validated before anything starts: good specs expand to the right grid, bad ones name the problem."""
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from distributed_me.attacks import ATTACKS, QueryStrategy
+from distributed_me.cli import main
+from distributed_me.errors import DmeError
+from distributed_me.sweep.spec import FACTORS, load_sweep, parse_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_grid():
+    spec = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    grid = spec.grid()
+    assert len(grid) == 8 and all(set(g) == set(FACTORS) for g in grid)
+    assert {(g["optimizer"], g["budget"], g["policy"]) for g in grid} == {
+        (o, b, p) for o in ("adam", "sgd") for b in (250, 1000) for p in ("probabilities", "label")}
+    assert len({spec.deployment_name(g["victim"], g["policy"]) for g in grid}) == 2
+
+
+def test_presets_merge_deeply():
+    full = load_sweep(ROOT / "sweeps" / "mebench-optimizers.yaml", "full")
+    small = load_sweep(ROOT / "sweeps" / "mebench-optimizers.yaml", "cpu-small")
+    assert full.attack.optimizer == small.attack.optimizer == ["lion", "adamw", "adam", "sgd"]
+    assert small.attack.arch == ["cnn32"] and small.attack.budget == [1000, 4000]
+    assert full.attack.epochs == [200] and small.resources.gpu_fraction == full.resources.gpu_fraction
+    assert len(full.grid()) == 4 * 3 * 3 and len(small.grid()) == 4 * 2
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"attack": {"strategy": "nope"}}, "unknown attack strategy 'nope'; valid: "),
+    ({"attack": {"optimizer": ["adam", "rmsprop"]}}, "unknown optimizer 'rmsprop'; valid: adam, adamw, lion, sgd"),
+    ({"attack": {"arch": "resnet9000"}}, "unknown model 'resnet9000'"),
+    ({"attack": {"budget": [100, 0]}}, "'attack.budget' = [100, 0]: must be positive"),
+    ({"attack": {"lr": -1}}, "learning rates must be positive"),
+    ({"policies": ["topk:0"]}, "'policies'"),
+    ({"policies": ["bogus"]}, "valid output policy names"),
+    ({"search": {"kind": "optuna"}}, "needs a search space"),
+    ({"search": {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}}}, "needs kind: optuna"),
+    ({"search": {"kind": "optuna", "space": {"lr": {}}}}, "exactly one of"),
+    ({"asha": {}, "eval_every_epoch": False}, "asha needs eval_every_epoch"),
+    ({"attack": {"strategy_options": {"random": {"bogus": 1}}}}, "attack.strategy_options.random.bogus"),
+    ({"name": "has space"}, "'name'"),
+    ({"budgets": [1]}, "'budgets'"),
+])
+def test_bad_specs_name_field_value_and_allowed(doc, needle):
+    with pytest.raises(DmeError) as e:
+        parse_sweep({"name": "t", **doc})
+    assert needle in str(e.value)
+
+
+class _NeedsScores(QueryStrategy):
+    name: ClassVar[str] = "needs-scores-test"
+    accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
+
+
+@pytest.fixture
+def needs_scores():
+    ATTACKS.register(_NeedsScores.name)(_NeedsScores)
+    yield _NeedsScores.name
+    ATTACKS._entries.pop(_NeedsScores.name)
+
+
+def test_capability_mismatch_fails_at_validation(needs_scores):
+    ok = parse_sweep({"name": "t", "attack": {"strategy": needs_scores}, "policies": ["probabilities", "round:2"]})
+    assert len(ok.grid()) == 2
+    with pytest.raises(DmeError, match=r"'needs-scores-test' needs an API that returns probabilities, but policy "
+                                       r"'round:2,label' returns 'label'"):
+        parse_sweep({"name": "t", "attack": {"strategy": needs_scores}, "policies": ["probabilities", "round:2,label"]})
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(DmeError, match="this sweep has: full, cpu-small"):
+        load_sweep(ROOT / "sweeps" / "mebench-optimizers.yaml", "gpu-huge")
+
+
+def test_cli_dry_run_and_errors(capsys, tmp_path):
+    assert main(["sweep", str(ROOT / "sweeps" / "quickstart.yaml"), "--dry-run"]) == 0
+    assert "8 trials" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nattack: {optimizer: rmsprop}\n")
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "rmsprop" in err and "Traceback" not in err
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "sweeps/quickstart.yaml" in capsys.readouterr().err
