@@ -37,7 +37,7 @@ def test_presets_merge_deeply():
     ({"attack": {"arch": "resnet9000"}}, "unknown model 'resnet9000'"),
     ({"attack": {"budget": [100, 0]}}, "'attack.budget' = [100, 0]: must be positive"),
     ({"attack": {"lr": -1}}, "learning rates must be positive"),
-    ({"policies": ["topk:0"]}, "'policies'"),
+    ({"policies": ["topk:0"]}, "'policies.0' = 'topk:0': output policy 'topk': field 'k'"),
     ({"policies": ["bogus"]}, "valid output policy names"),
     ({"search": {"kind": "optuna"}}, "needs a search space"),
     ({"search": {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}}}, "needs kind: optuna"),

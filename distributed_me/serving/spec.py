@@ -9,17 +9,14 @@ No Ray import here: the spec is plain data, checked on the laptop that writes it
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from ..spec_types import PolicySpec, SafeName
 ALL_VICTIMS = "*"
 
 
@@ -46,9 +43,9 @@ class VictimService(BaseModel):
     """One hosted victim: its bundle, its output policy (the defense), batching and scaling."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="URL name: /v1/victims/{name}")
+    name: SafeName = Field(description="URL name: /v1/victims/{name}")
     source: str = Field("embedded", description="'embedded', a bundle folder, a registered name or models:/ URI")
-    output_policy: str = Field("probabilities", description="policy chain, e.g. 'round:2,topk:1'")
+    output_policy: PolicySpec = Field("probabilities", description="policy chain, e.g. 'round:2,topk:1'")
     policy_seed: int = Field(0, description="seed of randomized policies (noise), per replica")
     max_batch_size: int = Field(256, ge=1, description="images per forward pass (dynamic batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
@@ -57,22 +54,6 @@ class VictimService(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica when the cluster has no GPU")
     gpu_fraction: float = Field(0.25, gt=0, le=1, description="GPU share per replica when the cluster has GPUs")
-
-    @field_validator("name")
-    @classmethod
-    def _url_safe(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (it is part of the URL)")
-        return v
-
-    @field_validator("output_policy")
-    @classmethod
-    def _policy(cls, v: str) -> str:
-        try:
-            parse_policy(v)
-        except DmeError as e:  # pydantic reports ValueErrors with the field name and value
-            raise ValueError(str(e)) from None
-        return v
 
     @model_validator(mode="after")
     def _scaling(self) -> "VictimService":

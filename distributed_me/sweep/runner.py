@@ -181,10 +181,10 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             m = res.metrics or {}
             factors = (res.config or {}).get("factors", {})
             rows.append({**{k: factors.get(k) for k in FACTORS}, **{k: m.get(k) for k in RESULT_KEYS},
-                         "mlflow_run_id": m.get("mlflow_run_id"), "done": bool(m.get("done"))})
+                         "mlflow_run_id": m.get("mlflow_run_id"), "completed": bool(m.get("completed"))})
         status = "FINISHED" if not errors else "FAILED"
         error = "\n".join(errors) or None
-        done = [r for r in rows if r["done"]]
+        done = [r for r in rows if r["completed"]]
         summary = {"trials": len(rows) + len(errors), "trials_failed": len(errors), "trials_finished": len(done)}
         if done:
             summary["best_fidelity"] = max(r["fidelity"] for r in done)

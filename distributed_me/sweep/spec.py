@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +23,9 @@ from ..attacks import ATTACKS
 from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
 from ..models import MODELS
+from ..spec_types import PolicySpec, SafeName
 from ..train import OPTIMIZERS
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 FACTORS = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs",
            "seed")
 
@@ -37,15 +36,8 @@ def _listify(v: Any) -> list:
 
 class VictimRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SafeName
     source: str = "embedded"
-
-    @field_validator("name")
-    @classmethod
-    def _url_safe(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return v
 
 
 class AttackFactors(BaseModel):
@@ -163,13 +155,13 @@ class Resources(BaseModel):
 
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SafeName
     description: str = ""
     experiment: str = Field("dme-sweeps", description="MLflow experiment")
     pool: str = "photos"
     pool_options: dict[str, Any] = Field(default_factory=dict)
     victims: list[VictimRef] = Field(default_factory=lambda: [VictimRef(name="digits")], min_length=1)
-    policies: list[str] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
+    policies: list[PolicySpec] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
     attack: AttackFactors = Field(default_factory=AttackFactors)
     search: Search = Field(default_factory=Search)
     asha: Asha | None = None
@@ -178,23 +170,6 @@ class SweepSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     retries: int = Field(1, ge=0, description="times a failed trial is retried")
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
-        return v
-
-    @field_validator("policies")
-    @classmethod
-    def _policies(cls, v: list[str]) -> list[str]:
-        for p in v:
-            try:
-                parse_policy(p)
-            except DmeError as e:
-                raise ValueError(str(e)) from None
-        return v
 
     @model_validator(mode="after")
     def _capabilities(self) -> "SweepSpec":

@@ -96,6 +96,22 @@ def end_parent(run_id: str, status: str, summary: dict[str, float] | None = None
     c.set_terminated(run_id, status=status)
 
 
+def trial_key(factors: dict[str, Any]) -> str:
+    """A stable id of a factor combination: the same trial of the same sweep has the same key in every attempt."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(factors, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_trial(experiment_id: str, parent_run_id: str, key: str):
+    """A FINISHED child run of this combination under this parent, if one exists (a resumed sweep must not redo it:
+    Tune's own experiment state is saved periodically and can miss a trial that finished just before a crash)."""
+    runs = client().search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                 f"tags.`dme.trial_key` = '{key}' and attributes.status = 'FINISHED'",
+                                max_results=1)
+    return runs[0] if runs else None
+
+
 class TrialRun:
     """A child run for one trial attempt; use as a context manager so it always ends with a status."""
 
@@ -105,6 +121,7 @@ class TrialRun:
         tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
                 "dme.attack": str(factors["strategy"]), "dme.victim": str(factors["victim"]),
                 "dme.defense": str(factors["policy"]), "dme.budget": str(factors["budget"]),
+                "dme.trial_key": trial_key(factors),
                 "dme.git_commit": git_commit(), **(extra_tags or {})}
         self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         from mlflow.entities import Param
@@ -126,6 +143,9 @@ class TrialRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None:
             self.client.set_terminated(self.run_id, status="FINISHED")
+        elif isinstance(exc, SystemExit):  # Tune ends a trial it stops (ASHA) by sys.exit in its report call
+            self.client.set_tag(self.run_id, "dme.stopped", "stopped early by the scheduler")
+            self.client.set_terminated(self.run_id, status="KILLED")
         else:
             self.client.set_tag(self.run_id, "dme.error", f"{type(exc).__name__}: {exc}"[:5000])
             self.client.set_terminated(self.run_id, status="FAILED")

@@ -25,7 +25,7 @@ import torch
 
 from ..extraction import AttackSpec, ExtractionResult, run_extraction
 from .spec import FACTORS, SweepSpec
-from .tracking import TrialRun
+from .tracking import TrialRun, finished_trial, trial_key
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(round(ctx["cpus_per_trial"]))))
     os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]
     trial_id = tune.get_context().get_trial_id() or uuid.uuid4().hex[:8]
+    done = finished_trial(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f))
+    if done is not None:
+        log.info("trial %s already finished as MLflow run %s: not run again", trial_id, done.info.run_id)
+        tune.report({**done.data.metrics, "epoch": int(f["epochs"]), "completed": True,
+                     "mlflow_run_id": done.info.run_id, "reused": True})
+        return
     deployment = spec.deployment_name(f["victim"], f["policy"])
 
     # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
@@ -101,7 +107,7 @@ def run_trial(config: dict[str, Any]) -> None:
         def on_epoch(epoch: int, row: dict) -> None:
             metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
             run.metrics(metrics, step=epoch)
-            tune.report({**metrics, "epoch": epoch, "done": False})
+            tune.report({**metrics, "epoch": epoch, "completed": False})
 
         result = run_extraction(oracle, pool, attack_spec(spec, f), evaluator, on_epoch=on_epoch,
                                 eval_every_epoch=spec.eval_every_epoch)
@@ -112,4 +118,5 @@ def run_trial(config: dict[str, Any]) -> None:
             torch.save({"state_dict": result.model.state_dict(), "arch": f["arch"],  # type: ignore[union-attr]
                         "num_classes": len(victim.class_names), "input_shape": list(victim.input_shape)}, path)
             run.artifact(path)
-        tune.report({**final, "epoch": int(f["epochs"]), "done": True, "mlflow_run_id": run.run_id})
+    # after the run is closed: Tune may end the trial inside this call (`done` would too, hence `completed`)
+    tune.report({**final, "epoch": int(f["epochs"]), "completed": True, "mlflow_run_id": run.run_id})

@@ -1,0 +1,34 @@
+"""Field types shared by every user-written spec (serve configs, sweeps): validated once, with the same message."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+from .defenses import parse_policy
+from .errors import DmeError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _safe_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-' (names appear in URLs and paths)")
+    return v
+
+
+def _policy(v: str) -> str:
+    try:
+        parse_policy(v)
+    except DmeError as e:  # pydantic reports a ValueError with the field's name and value
+        raise ValueError(str(e)) from None
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+"""A name that can be part of a URL or a folder: victims, sweeps."""
+
+PolicySpec = Annotated[str, AfterValidator(_policy)]
+"""An output-policy chain such as ``"round:2,topk:1"``, checked against the policy registry."""

@@ -1,0 +1,247 @@
+"""Sweeps end to end on real Ray (Tune + Serve) with a real `mlflow server`, all on 127.0.0.1.
+
+Tiny trials (tiny_cnn, a few epochs, budgets of tens of queries) so that the harness, not the learning, is tested:
+the runs and metrics MLflow holds afterwards, failures recorded as FAILED runs, resume after the driver is killed,
+and a sweep submitted as a Ray job to a `ray start --head` cluster.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow_server]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float, what: str):
+    t0 = time.monotonic()
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "w"))
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return httpx.get(f"{uri}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None and pytest.fail((d / "server.log").read_text()[-3000:])
+
+    _wait(healthy, 120, "mlflow server")
+    yield uri
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def sweep_env(mlflow_server, tmp_path, monkeypatch):
+    home = Path(os.environ["DME_HOME"])  # the session's home: the embedded victim is trained once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("DME_SWEEP_DIR", str(tmp_path / "sweeps"))
+    return {"home": home, "uri": mlflow_server, "dir": tmp_path}
+
+
+def _doc(name: str, **over) -> dict:
+    doc = {"name": name, "experiment": "test-sweeps", "pool": "photos", "pool_options": {"n": 2000},
+           "victims": [{"name": "digits", "source": "embedded"}], "policies": ["probabilities", "label"],
+           "attack": {"strategy": "random", "budget": 60, "arch": "tiny_cnn", "optimizer": ["adam", "sgd"],
+                      "epochs": 2, "seed": 0},
+           "adv_eval_samples": 20, "resources": {"cpus_per_trial": 1}, "retries": 0}
+    for k, v in over.items():
+        doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
+    return doc
+
+
+def _runs(uri: str, sweep: str, kind: str = "trial") -> list:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("test-sweeps")
+    if exp is None:  # not created yet (a sweep starting in another process)
+        return []
+    return c.search_runs([exp.experiment_id], f"tags.`dme.sweep` = '{sweep}' and tags.`dme.kind` = '{kind}'",
+                         max_results=1000)
+
+
+def _shutdown_ray():
+    import ray
+
+    from distributed_me.serving.runtime import shutdown
+
+    if ray.is_initialized():
+        shutdown()
+
+
+def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
+    from mlflow import MlflowClient
+
+    from distributed_me.report import write_report
+    from distributed_me.serving.ledger import read_query_log
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    try:
+        out = run_sweep(parse_sweep(_doc("e2e")), num_cpus=2, verbose=0)
+    finally:
+        _shutdown_ray()
+    assert out.errors == [] and len(out.rows) == 4
+    assert all(r["queries_used"] == 60 and r["completed"] for r in out.rows)
+
+    c = MlflowClient(sweep_env["uri"])
+    (parent,) = _runs(sweep_env["uri"], "e2e", "sweep")
+    assert parent.info.status == "FINISHED" and parent.info.run_id == out.parent_run_id
+    assert parent.data.params["package.torch"].startswith("2.14.1") and "cluster.CPU" in parent.data.params
+    assert parent.data.metrics["trials_finished"] == 4
+    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["sweep.json"]
+
+    trials = _runs(sweep_env["uri"], "e2e")
+    assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}, [t.data.tags for t in trials]
+    combos = {(t.data.params["optimizer"], t.data.params["policy"]) for t in trials}
+    assert combos == {(o, p) for o in ("adam", "sgd") for p in ("probabilities", "label")}
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert t.data.tags["dme.attack"] == "random" and t.data.tags["dme.budget"] == "60"
+        assert t.data.metrics["queries_used"] == 60
+        assert 0 <= t.data.metrics["adversarial_fidelity"] <= 1
+        assert t.data.metrics["victim_utility"] > 0.9  # probabilities and label keep the victim's top-1
+        per_epoch = c.get_metric_history(t.info.run_id, "train_loss")
+        assert sorted(m.step for m in per_epoch) == [1, 2]
+        assert {"seconds_selection", "seconds_query", "seconds_train", "seconds_eval"} <= set(t.data.metrics)
+        assert [a.path for a in c.list_artifacts(t.info.run_id)] == ["piracy_model.pt"]
+
+    log = read_query_log(out.path / "querylog")
+    assert log["count"].to_numpy().sum() == 4 * 60
+
+    report = write_report("e2e", sweep_env["dir"] / "report")
+    assert report.markdown.is_file() and len(report.plots) == 4 and all(p.stat().st_size > 0 for p in report.plots)
+    assert "sgd" in report.table and "label" in report.table
+
+
+def test_failed_trials_leave_failed_runs_with_the_error(sweep_env):
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    doc = _doc("fails", pool_options={"n": 40}, attack={"optimizer": "adam"}, policies=["probabilities"], retries=1)
+    try:
+        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+    finally:
+        _shutdown_ray()
+    assert len(out.errors) == 1 and out.rows == []
+    trials = _runs(sweep_env["uri"], "fails")
+    assert len(trials) == 2  # the attempt and its one retry
+    for t in trials:
+        assert t.info.status == "FAILED" and "larger than the pool" in t.data.tags["dme.error"]
+    (parent,) = _runs(sweep_env["uri"], "fails", "sweep")
+    assert parent.info.status == "FAILED"
+
+
+def _dme(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "dme"), *args], env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_resume_after_the_driver_is_killed_reruns_no_finished_trial(sweep_env):
+    spec = sweep_env["dir"] / "resume.yaml"
+    doc = _doc("resume", attack={"optimizer": ["adam", "sgd", "adamw"], "epochs": 3}, policies=["probabilities"],
+               resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    spec.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = _dme(["sweep", str(spec), "--num-cpus", "2", "-q"], env)
+    try:
+        done_before = _wait(lambda: [t for t in _runs(sweep_env["uri"], "resume") if t.info.status == "FINISHED"],
+                            300, "a first finished trial")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and its private Ray cluster die together
+        first.wait(30)
+    finished_ids = {t.info.run_id for t in done_before}
+    second = _dme(["sweep", "--resume", "resume", "--num-cpus", "2", "-q"], env)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    trials = _runs(sweep_env["uri"], "resume")
+    finished = [t for t in trials if t.info.status == "FINISHED"]
+    assert len(finished) == 3, [(t.info.status, t.data.params.get("optimizer")) for t in trials]
+    assert sorted(t.data.params["optimizer"] for t in finished) == ["adam", "adamw", "sgd"]
+    assert finished_ids <= {t.info.run_id for t in finished}  # the ones done before the kill were not run again
+    assert {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+    (parent,) = _runs(sweep_env["uri"], "resume", "sweep")
+    assert parent.info.status == "FINISHED"
+
+
+def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(_doc("job", attack={"optimizer": "adam"}, policies=["probabilities"])))
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard",
+                            "true", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    try:
+        runtime_env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "DME_HOME", "DME_SWEEP_DIR",
+                                                                "HF_HUB_OFFLINE")}}
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps(runtime_env), "--", "dme", "sweep", str(spec), "-q"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    trials = _runs(sweep_env["uri"], "job")
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    assert trials[0].data.metrics["queries_used"] == 60
+
+
+def test_dme_ui_serves_the_store_on_loopback(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DME_HOME": str(tmp_path)}
+    proc = subprocess.Popen([str(BIN / "dme"), "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait(lambda: _get(f"http://127.0.0.1:{port}/health"), 120, "dme ui")
+        assert shutil.which("ss") is None or f"127.0.0.1:{port}" in subprocess.run(
+            ["ss", "-ltn"], capture_output=True, text=True).stdout
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _get(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
