@@ -161,7 +161,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep.runner import run_sweep
 
     out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                    verbose=0 if args.quiet else 1)
+                    verbose=0 if args.quiet else 1, fresh=args.fresh)
     rows = sorted(out.rows, key=lambda r: tuple(str(r.get(c)) for c in SWEEP_COLUMNS[:8]))
     print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
           f"(MLflow parent run {out.parent_run_id})")
@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one)")
     sw.add_argument("--num-cpus", type=int, help="CPUs of a private cluster (default: all)")
     sw.add_argument("--dry-run", action="store_true", help="validate the spec and count trials, run nothing")
+    sw.add_argument("--fresh", action="store_true", help="start again a sweep that ran before under this name")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=cmd_sweep)
 

@@ -35,7 +35,7 @@ class Report:
 
 
 def sweep_runs(sweep: str, experiment: str | None = None) -> pd.DataFrame:
-    """One row per FINISHED trial of ``sweep``: factor params (typed) and final metrics."""
+    """One row per FINISHED trial of the newest run of ``sweep``: factor params (typed) and final metrics."""
     from mlflow import MlflowClient
 
     from ..tracking import tracking_uri
@@ -43,8 +43,10 @@ def sweep_runs(sweep: str, experiment: str | None = None) -> pd.DataFrame:
     c = MlflowClient(tracking_uri())
     exps = [c.get_experiment_by_name(experiment)] if experiment else c.search_experiments()
     ids = [e.experiment_id for e in exps if e is not None]
-    runs = c.search_runs(ids, f"tags.`dme.sweep` = '{sweep}' and tags.`dme.kind` = 'trial' and "
-                              "attributes.status = 'FINISHED'", max_results=50000) if ids else []
+    parents = c.search_runs(ids, f"tags.`dme.sweep` = '{sweep}' and tags.`dme.kind` = 'sweep'",
+                            order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    runs = c.search_runs(ids, f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}' and "
+                              "attributes.status = 'FINISHED'", max_results=50000) if parents else []
     if not runs:
         raise DmeError(f"no finished trials of sweep {sweep!r} in the MLflow store {tracking_uri()}; run "
                        f"`dme sweep` first, or set MLFLOW_TRACKING_URI to the store it used")

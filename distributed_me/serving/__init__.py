@@ -15,3 +15,6 @@ import os as _os
 # Ray reads this when it is imported: 0 keeps a private cluster's node address on 127.0.0.1 (see STACK-NOTES).
 # Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 yourself to run a driver that must be reachable from other nodes.
 _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Serve copies every request's access-log line to the driver's terminal; on small machines that costs real CPU.
+# The lines still go to Ray's log files (RAY_SERVE_LOG_TO_STDERR=1 brings them back).
+_os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")

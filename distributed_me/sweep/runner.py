@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,10 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
 
 
 def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resume: str | None = None,
-              address: str | None = None, num_cpus: int | None = None, verbose: int = 1) -> SweepOutcome:
-    """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring."""
+              address: str | None = None, num_cpus: int | None = None, verbose: int = 1,
+              fresh: bool = False) -> SweepOutcome:
+    """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring. ``fresh`` discards the Tune state
+    of an earlier sweep of the same name (its MLflow runs stay; reports read the newest parent run)."""
     import ray
     from ray import serve
 
@@ -146,9 +149,11 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
     else:
         assert spec is not None
         folder = storage / spec.name
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
         if (folder / spec.name).exists():
             raise DmeError(f"sweep {spec.name!r} already exists in {folder}: resume it with `dme sweep --resume "
-                           f"{spec.name}`, or give the sweep another name")
+                           f"{spec.name}`, start it again with --fresh, or give the sweep another name")
         save_spec(spec, preset, folder)
 
     if Path(spec.pool).expanduser().exists():  # trials run in Tune's trial folders: relative paths must not leak

@@ -1,0 +1,115 @@
+"""``dme bench sweep``: what the sweep harness costs, and what running trials side by side buys, in one run.
+
+The same N small attack runs (the embedded victim; random queries; 2 optimizers × 2 budgets × 2 output policies)
+are timed four ways:
+
+- (a) a plain in-process loop, one after another, torch on 1 thread (what one Tune trial with 1 CPU gets);
+- (b) the same loop with torch on every core of the machine;
+- (c) ``dme sweep`` with one trial at a time — victims on Serve, trials on Tune querying through handles, every trial
+  an MLflow child run with per-epoch metrics and the piracy model as an artifact;
+- (d) ``dme sweep`` with trials running concurrently (one per core).
+
+Harness overhead = (c) / (a) − 1 (goal: ≤ 15 % at N = 8); concurrency speed-up = (c) / (d), and (d) against (b),
+the best a single process can do with all cores. Sweep times include Serve deployment and MLflow logging; the Ray
+cluster's start is measured once and reported on its own. MLflow and sweep state go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import BENCHES, peak_rss_mb, print_table
+
+
+def _doc(name: str, n_epochs: int, concurrent: int) -> dict[str, Any]:
+    return {"name": name, "experiment": "dme-bench-sweep", "pool": "photos",
+            "victims": [{"name": "digits", "source": "embedded"}], "policies": ["probabilities", "label"],
+            "attack": {"strategy": "random", "budget": [250, 500], "arch": "cnn32", "optimizer": ["adam", "sgd"],
+                       "epochs": n_epochs, "seed": 0},
+            "adv_eval_samples": 100, "eval_every_epoch": True, "retries": 0,
+            "resources": {"cpus_per_trial": 1, "max_concurrent_trials": concurrent}}
+
+
+def _loop(spec, threads: int) -> tuple[float, list[float]]:
+    """The plain loop: the same trials, in process, no Ray, no MLflow."""
+    from ..data import load_pool
+    from ..extraction import AttackSpec, run_extraction
+    from ..oracle import LocalOracle
+    from ..runner import evaluator_for, load_victim
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        victim = load_victim(None)
+        evaluator, pool = evaluator_for(victim), load_pool(spec.pool)
+        fids = []
+        for f in spec.grid():
+            a = AttackSpec(strategy=f["strategy"], budget=f["budget"], arch=f["arch"], optimizer=f["optimizer"],
+                           epochs=f["epochs"], seed=f["seed"], adv_eval_samples=spec.adv_eval_samples)
+            oracle = LocalOracle(victim, f["policy"], budget=f["budget"])
+            fids.append(run_extraction(oracle, pool, a, evaluator, eval_every_epoch=spec.eval_every_epoch).fidelity)
+        return time.perf_counter() - t0, fids
+    finally:
+        torch.set_num_threads(saved)
+
+
+@BENCHES.register("sweep")
+def bench_sweep(args: argparse.Namespace) -> dict:
+    from ..runner import load_victim
+    from ..serving.runtime import init_ray, shutdown
+    from ..sweep.runner import run_sweep
+    from ..sweep.spec import parse_sweep
+
+    quick = getattr(args, "quick", False)
+    epochs = args.epochs or (2 if quick else 5)
+    cores = os.cpu_count() or 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    load_victim(None, progress=True)  # trained once, before any timing
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DME_SWEEP_DIR")}
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        os.environ["DME_SWEEP_DIR"] = str(Path(tmp) / "sweeps")
+        try:
+            spec = parse_sweep(_doc(f"bench-{stamp}", epochs, 1))
+            n = len(spec.grid())
+            t_a, fid_a = _loop(spec, 1)
+            rows.append({"path": "a loop, 1 thread", "trials": n, "concurrent": 1, "seconds": t_a})
+            t_b, _ = _loop(spec, cores)
+            rows.append({"path": f"b loop, {cores} threads", "trials": n, "concurrent": 1, "seconds": t_b})
+            t0 = time.perf_counter()
+            init_ray(num_cpus=cores)
+            t_ray = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out_c = run_sweep(spec, verbose=0)
+            t_c = time.perf_counter() - t0
+            rows.append({"path": "c dme sweep, 1 at a time", "trials": n, "concurrent": 1, "seconds": t_c})
+            t0 = time.perf_counter()
+            out_d = run_sweep(parse_sweep(_doc(f"bench-{stamp}-conc", epochs, cores)), verbose=0)
+            t_d = time.perf_counter() - t0
+            rows.append({"path": f"d dme sweep, {cores} at a time", "trials": n, "concurrent": cores, "seconds": t_d})
+        finally:
+            shutdown()
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    for r in rows:
+        r["ratio_to_a"] = r["seconds"] / t_a
+    fid_c = sorted(r["fidelity"] for r in out_c.rows)
+    result = {"trials": n, "epochs": epochs, "ray_start_seconds": t_ray, "rows": rows,
+              "harness_overhead": t_c / t_a - 1, "concurrency_speedup": t_c / t_d, "sweep_vs_best_loop": t_b / t_d,
+              "failed_trials": len(out_c.errors) + len(out_d.errors), "peak_rss_mb": peak_rss_mb(),
+              "fidelity_loop": sorted(fid_a), "fidelity_sweep": fid_c}
+    print_table(rows, ["path", "trials", "concurrent", "seconds", "ratio_to_a"], "the same trials, four ways")
+    print(f"\nharness overhead (c/a - 1): {result['harness_overhead']:+.1%} (goal <= +15%); "
+          f"speed-up of {cores} concurrent trials (c/d): {result['concurrency_speedup']:.2f}x; "
+          f"best single process / concurrent sweep (b/d): {result['sweep_vs_best_loop']:.2f}x; "
+          f"Ray start {t_ray:.1f}s (not in c or d)")
+    return result
