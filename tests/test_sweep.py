@@ -167,6 +167,36 @@ def test_failed_trials_leave_failed_runs_with_the_error(sweep_env):
     assert parent.info.status == "FAILED"
 
 
+def test_optuna_search_with_asha(sweep_env):
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    doc = _doc("optuna", policies=["probabilities"], attack={"optimizer": "adam", "epochs": 4},
+               search={"kind": "optuna", "num_samples": 4, "space": {"lr": {"loguniform": [1e-4, 3e-2]},
+                                                                    "optimizer": {"choice": ["adam", "sgd"]}}},
+               asha={"grace_period": 1, "reduction_factor": 2})
+    try:
+        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+    finally:
+        _shutdown_ray()
+    assert out.errors == [] and len(out.rows) == 4
+    trials = _runs(sweep_env["uri"], "optuna")
+    assert len(trials) == 4 and {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
+    lrs = [float(t.data.params["lr"]) for t in trials]
+    assert len(set(lrs)) == 4 and all(1e-4 <= lr <= 3e-2 for lr in lrs)  # sampled by Optuna, not the grid
+    for t in trials:
+        epochs = len({m.step for m in _history(sweep_env["uri"], t.info.run_id, "train_loss")})
+        assert 1 <= epochs <= 4
+        if t.info.status == "KILLED":  # stopped by ASHA after fewer epochs than asked
+            assert t.data.tags["dme.stopped"] and epochs < 4
+
+
+def _history(uri: str, run_id: str, key: str) -> list:
+    from mlflow import MlflowClient
+
+    return [m for m in MlflowClient(uri).get_metric_history(run_id, key) if m.step >= 1]
+
+
 def _dme(args: list[str], env: dict, **kw) -> subprocess.Popen:
     return subprocess.Popen([str(BIN / "dme"), *args], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)

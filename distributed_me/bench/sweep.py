@@ -1,7 +1,7 @@
 """``dme bench sweep``: what the sweep harness costs, and what running trials side by side buys, in one run.
 
-The same N small attack runs (the embedded victim; random queries; 2 optimizers × 2 budgets × 2 output policies)
-are timed four ways:
+The same N small attack runs — the quickstart sweep's trials: the embedded victim, random queries, CNN32 piracy
+model, 10 epochs, Adam/SGD × budgets 250/1000 × full scores/label only — are timed four ways:
 
 - (a) a plain in-process loop, one after another, torch on 1 thread (what one Tune trial with 1 CPU gets);
 - (b) the same loop with torch on every core of the machine;
@@ -31,9 +31,9 @@ from . import BENCHES, peak_rss_mb, print_table
 def _doc(name: str, n_epochs: int, concurrent: int) -> dict[str, Any]:
     return {"name": name, "experiment": "dme-bench-sweep", "pool": "photos",
             "victims": [{"name": "digits", "source": "embedded"}], "policies": ["probabilities", "label"],
-            "attack": {"strategy": "random", "budget": [250, 500], "arch": "cnn32", "optimizer": ["adam", "sgd"],
+            "attack": {"strategy": "random", "budget": [250, 1000], "arch": "cnn32", "optimizer": ["adam", "sgd"],
                        "epochs": n_epochs, "seed": 0},
-            "adv_eval_samples": 100, "eval_every_epoch": True, "retries": 0,
+            "adv_eval_samples": 200, "eval_every_epoch": True, "retries": 0,
             "resources": {"cpus_per_trial": 1, "max_concurrent_trials": concurrent}}
 
 
@@ -69,7 +69,7 @@ def bench_sweep(args: argparse.Namespace) -> dict:
     from ..sweep.spec import parse_sweep
 
     quick = getattr(args, "quick", False)
-    epochs = args.epochs or (2 if quick else 5)
+    epochs = args.epochs or (2 if quick else 10)
     cores = os.cpu_count() or 1
     stamp = time.strftime("%Y%m%d-%H%M%S")
     load_victim(None, progress=True)  # trained once, before any timing

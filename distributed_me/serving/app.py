@@ -118,6 +118,10 @@ class Accountant:
         d = self.ledger.reserve(key, victim, count)
         return d.status, d.detail, d.reservation
 
+    def authorize(self, key: str | None, victim: str) -> tuple[int, str]:
+        d = self.ledger.authorize(key, victim)
+        return d.status, d.detail
+
     def commit(self, reservation: str, digest: str) -> None:
         self.ledger.commit(reservation, digest)
 
@@ -126,9 +130,6 @@ class Accountant:
 
     def usage(self, key: str | None, victim: str) -> dict:
         return self.ledger.usage(key, victim)
-
-    def clients(self) -> dict[str, list[str]]:
-        return self.ledger.clients()
 
     def add_client(self, client: dict) -> None:
         self.ledger.add_client(Client.model_validate(client))
@@ -180,7 +181,7 @@ class Ingress:
             x = validate_images(images, tuple(meta["input_shape"]), self.spec.max_request_images)
         except WireError as e:
             # 401/403 take precedence over input errors: a stranger learns nothing about the victim's input format
-            status, detail, _ = await self.accountant.reserve.remote(key, victim, 0)
+            status, detail = await self.accountant.authorize.remote(key, victim)
             if status != 200:
                 return status, {"detail": detail}
             return e.status, {"detail": e.detail}
@@ -225,7 +226,7 @@ class Ingress:
                 raise WireError(413, f"request body of {len(body)} bytes exceeds {limit}: split the batch")
             images = decode_body(body, request.headers.get("content-type"))
         except WireError as e:
-            status, detail, _ = await self.accountant.reserve.remote(key, name, 0)
+            status, detail = await self.accountant.authorize.remote(key, name)
             return _error(status, detail) if status != 200 else _error(e.status, e.detail)
         status, content = await self.answer(key, name, images)
         return JSONResponse(status_code=status, content=content)

@@ -166,12 +166,8 @@ class Ledger:
         with self._lock:
             self._clients[client.key] = client
 
-    def clients(self) -> dict[str, list[str]]:
-        """Key → victims it may query (for the ingress's fast 401/403 checks)."""
-        with self._lock:
-            return {k: list(c.victims) for k, c in self._clients.items()}
-
     def authorize(self, key: str | None, victim: str) -> Decision:
+        """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)?"""
         if not key:
             return Decision(401, "missing API key: send it in the X-API-Key header")
         client = self._clients.get(key)

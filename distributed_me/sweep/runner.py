@@ -122,6 +122,8 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
     tune_config = tune.TuneConfig(
         num_samples=spec.search.num_samples if spec.search.kind == "optuna" else 1,
         search_alg=search_alg, scheduler=scheduler, max_concurrent_trials=r.max_concurrent_trials,
+        # keep trial workers between trials: no re-import of torch & co, and the judge/pool caches in trial.py stay
+        reuse_actors=True,
         metric=spec.search.metric if needs_metric else None, mode=spec.search.mode if needs_metric else None)
     run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=verbose,
                                 failure_config=tune.FailureConfig(max_failures=spec.retries))
