@@ -243,10 +243,14 @@ def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
     try:
         runtime_env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "DME_HOME", "DME_SWEEP_DIR",
                                                                 "HF_HUB_OFFLINE")}}
-        job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps(runtime_env), "--", "dme", "sweep", str(spec), "-q"],
-            env=env, capture_output=True, text=True, timeout=600)
+        submit = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
+                  str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", "dme", "sweep", str(spec), "-q"]
+        deadline = time.monotonic() + 120
+        while True:  # the head's job agent comes up some seconds after `ray start` returns (longer on a busy machine)
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout
     finally:
