@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
@@ -32,3 +33,19 @@ SafeName = Annotated[str, AfterValidator(_safe_name)]
 
 PolicySpec = Annotated[str, AfterValidator(_policy)]
 """An output-policy chain such as ``"round:2,topk:1"``, checked against the policy registry."""
+
+
+def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; a missing file, bad YAML or another shape is one clear DmeError."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DmeError(f"{what} {path} not found; see {example} for an example")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DmeError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise DmeError(f"{what} {path} must hold a mapping of fields, as {example} does")
+    return doc

@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import DmeError, explain_validation_error
-from ..spec_types import PolicySpec, SafeName
+from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
 ALL_VICTIMS = "*"
 
 
@@ -120,13 +119,7 @@ def load_serve_config(path: str | Path) -> tuple[ServeSpec, dict[str, Any]]:
 
     Returns the validated spec and the ``http_options`` (host/port) to start Serve with.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DmeError(f"serve config {path} not found; see deployments/local.yaml for an example")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DmeError(f"serve config {path} is not valid YAML: {e}") from None
+    doc = read_yaml_mapping(path, "serve config", "deployments/local.yaml")
     http = dict(doc.get("http_options") or {})
     if "applications" in doc:
         apps = [a for a in doc["applications"] if str(a.get("import_path", "")).startswith("distributed_me.serving")]

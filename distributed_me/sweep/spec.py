@@ -16,14 +16,13 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..attacks import ATTACKS
 from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
 from ..models import MODELS
-from ..spec_types import PolicySpec, SafeName
+from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
 from ..train import OPTIMIZERS
 
 FACTORS = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs",
@@ -229,13 +228,4 @@ def parse_sweep(doc: dict[str, Any], preset: str | None = None) -> SweepSpec:
 
 
 def load_sweep(path: str | Path, preset: str | None = None) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise DmeError(f"sweep file {path} not found; see sweeps/quickstart.yaml for an example")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DmeError(f"sweep file {path} is not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise DmeError(f"sweep file {path} must hold a mapping (name:, victims:, attack:, ...)")
-    return parse_sweep(doc, preset)
+    return parse_sweep(read_yaml_mapping(path, "sweep file", "sweeps/quickstart.yaml"), preset)
