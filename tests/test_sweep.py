@@ -238,7 +238,12 @@ def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
     env.pop("RAY_ADDRESS")
     start = subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(port), "--num-cpus", "2",
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard",
-                            "true", "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+                            "true", "--disable-usage-stats",
+                            # fixed defaults (52365, ...) would collide with any other Ray cluster on this machine
+                            "--dashboard-agent-listen-port", str(_free_port()),
+                            "--dashboard-agent-grpc-port", str(_free_port()),
+                            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
+                           env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
     try:
         runtime_env = {"env_vars": {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "DME_HOME", "DME_SWEEP_DIR",
@@ -254,10 +259,22 @@ def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
         assert "succeeded" in job.stdout
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(port)
     trials = _runs(sweep_env["uri"], "job")
     assert len(trials) == 1 and trials[0].info.status == "FINISHED"
     assert trials[0].data.metrics["queries_used"] == 60
+
+
+def _stop_cluster(port: int) -> None:
+    """Stop only the cluster whose GCS listens on ``port``: every one of its processes names that address (GCS
+    itself: ``--gcs_server_port``). `ray stop` would kill every Ray cluster on the machine, the user's too."""
+    patterns = [f"127.0.0.1:{port}", f"gcs_server_port={port}"]
+    for sig in ("TERM", "KILL"):
+        for pat in patterns:
+            subprocess.run(["pkill", f"-{sig}", "-f", pat], capture_output=True)
+        if all(subprocess.run(["pgrep", "-f", pat], capture_output=True).returncode != 0 for pat in patterns):
+            break
+        time.sleep(5)
 
 
 def test_dme_ui_serves_the_store_on_loopback(tmp_path):
