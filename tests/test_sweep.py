@@ -275,6 +275,9 @@ def _stop_cluster(port: int) -> None:
         if all(subprocess.run(["pgrep", "-f", pat], capture_output=True).returncode != 0 for pat in patterns):
             break
         time.sleep(5)
+    marker = Path("/tmp/ray/ray_current_cluster")  # `ray start` recorded this head as the machine's cluster
+    if marker.exists() and f":{port}" in marker.read_text():
+        marker.unlink()
 
 
 def test_dme_ui_serves_the_store_on_loopback(tmp_path):

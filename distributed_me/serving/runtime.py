@@ -28,7 +28,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=DEFAULT_HOST,
+        # address="local": always a new private cluster, never one a `ray start` left behind on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=DEFAULT_HOST,
                  logging_level=logging.WARNING)
     log.info("ray cluster resources: %s", ray.cluster_resources())
 
