@@ -29,6 +29,7 @@ from .embedded import EMBEDDED_DATASET, EMBEDDED_POOL
 from .folder import ImageFolderPool, is_image_folder, load_image_folder
 from .imagenet64 import ImageNet64Pool, find_batch_files, is_imagenet64_dir
 from .npz import JpegNpzPool, load_npz_dataset, open_npz_pool
+from .parquet import ParquetPool, is_parquet_pool, write_pool_shards
 from .registry import DATASETS, POOLS, default_root, normalization_from, stratified_split, unknown_spec
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "LabeledDataset",
     "Normalization",
     "POOLS",
+    "ParquetPool",
     "Pool",
     "adapt_images",
     "default_root",
@@ -56,6 +58,7 @@ __all__ = [
     "split_indices",
     "stratified_split",
     "to_tensor",
+    "write_pool_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ _DATASET_PATHS = (
 )
 _POOL_PATHS = (
     "or a labeled dataset name ({datasets}; its train split, unlabeled), or a path: a JPEG-pool or labeled .npz, "
-    "a directory of ImageNet64 batches, or a directory of images"
+    "a Parquet pool directory (`dme pool build`), a directory of ImageNet64 batches, or a directory of images"
 )
 
 
@@ -119,6 +122,8 @@ def load_pool(spec: str, root: str | None = None, download: bool = False, seed: 
     if path.is_file():
         return open_npz_pool(path, **kw)
     if path.is_dir():
+        if is_parquet_pool(path):
+            return ParquetPool(path, **kw)
         if is_imagenet64_dir(path):
             files = find_batch_files(path, "train") or find_batch_files(path, "val")
             return ImageNet64Pool(files, name=path.name, **kw)

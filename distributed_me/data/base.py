@@ -98,6 +98,25 @@ class Pool:
             raise IndexError(f"pool index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
         return adapt_images(self._load(idx), size, channels)
 
+    def sample_ids(self) -> np.ndarray:
+        """Stable ids of the samples, in index order: the index itself, except for pools with stored ids (Parquet)."""
+        return np.arange(len(self), dtype=np.int64)
+
+    def content_key(self) -> str:
+        """A short content hash (size and 64 images spread over the pool), cached: keys feature caches, so a cached
+        feature file is reused only for the same pool content, whatever the pool is called or stored as."""
+        key = getattr(self, "_content_key", None)
+        if key is None:
+            import hashlib
+
+            n = len(self)
+            probe = np.unique(np.linspace(0, n - 1, num=min(n, 64)).astype(np.int64))
+            h = hashlib.sha256(f"{n}".encode())
+            for i in probe:
+                h.update(self._load(np.array([i]))[0].tobytes())
+            key = self._content_key = h.hexdigest()[:16]
+        return key
+
     def iter_batches(
         self, batch_size: int = 256, idx: np.ndarray | None = None, size: int | None = None, channels: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
