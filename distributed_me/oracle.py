@@ -163,3 +163,28 @@ def query_in_batches(oracle: Oracle, images: np.ndarray | torch.Tensor, batch_si
     """Send ``images`` in API-sized batches and join the answers."""
     parts = [oracle.query(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return Answer.concat(parts)
+
+
+class RecordingOracle:
+    """Wraps any oracle and keeps every batch sent through it, in order: an audit trail of exactly what an attack
+    asked the victim (the budget contract: only selected samples, never more than the budget)."""
+
+    def __init__(self, inner: Oracle):
+        self.inner, self.info = inner, inner.info
+        self.sent: list[torch.Tensor] = []
+
+    @property
+    def queries_used(self) -> int:
+        return self.inner.queries_used
+
+    @property
+    def budget(self) -> int | None:
+        return self.inner.budget
+
+    def query(self, images: np.ndarray | torch.Tensor) -> Answer:
+        self.sent.append(to_tensor(images).clone())
+        return self.inner.query(images)
+
+    def images(self) -> torch.Tensor:
+        """All images sent so far, concatenated (float NCHW)."""
+        return torch.cat(self.sent) if self.sent else torch.empty(0)
