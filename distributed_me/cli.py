@@ -30,7 +30,7 @@ def result_table(result: dict) -> str:
         ("fidelity", f"{result['fidelity']:.4f}"),
         ("adversarial fidelity", f"{result['adversarial_fidelity']:.4f}"),
         ("queries used", f"{result['queries_used']} / {result['budget']}"),
-        ("time (s)", f"selection {s['selection']:.1f} | query {s['query']:.1f} | train {s['train']:.1f} | "
+        ("time (s)", (f"setup {s['setup']:.1f} | " if "setup" in s else "") + f"selection {s['selection']:.1f} | query {s['query']:.1f} | train {s['train']:.1f} | "
                      f"eval {s['eval']:.1f} | total {s['total']:.1f}"),
     ]
     return _table(rows, "extraction result")
@@ -193,6 +193,40 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_pool_build(args: argparse.Namespace) -> int:
+    from .data import load_pool, write_pool_shards
+
+    pool = load_pool(args.source, root=args.data_root, download=args.download)
+    m = write_pool_shards(pool, args.out, rows_per_shard=args.rows_per_shard, row_group_size=args.row_group_size,
+                          encoding=args.encoding, overwrite=args.overwrite, progress=not args.quiet)
+    print(_table([("images", str(m["num_images"])), ("shards", str(len(m["shards"]))), ("encoding", m["encoding"]),
+                  ("shape", "x".join(map(str, m["shape"]))), ("labels", str(m["has_labels"])),
+                  ("content key", m["content_key"])], f"pool {m['name']} -> {args.out}"))
+    return 0
+
+
+def cmd_pool_features(args: argparse.Namespace) -> int:
+    from .attacks import QueryStrategy
+    from .attacks.reference import get_reference_set
+    from .data import load_pool
+    from .pools.features import ray_feature_pass
+    from .serving.runtime import init_ray, shutdown
+
+    pool = load_pool(args.pool, root=args.data_root, download=args.download)
+    strategy = QueryStrategy.create("swifttheft", _options(args.strategy_option))
+    ref = get_reference_set(strategy.reference_spec(), pool, progress=not args.quiet)  # type: ignore[attr-defined]
+    init_ray(args.address, num_cpus=args.num_cpus)
+    try:
+        r = ray_feature_pass(ref, pool, out=args.out, actors=args.actors, batch_size=args.batch_size,
+                             progress=not args.quiet)
+    finally:
+        shutdown()
+    print(_table([("images", str(r["images"])), ("seconds", f"{r['seconds']:.1f}"),
+                  ("images/s", f"{r['images_per_s']:.0f}"), ("reference set", ref.key), ("features", r["path"])],
+                 f"features of {pool.name}"))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -283,6 +317,34 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--fresh", action="store_true", help="start again a sweep that ran before under this name")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=cmd_sweep)
+
+    po = sub.add_parser("pool", help="pools at scale: Parquet shards, Ray Data feature passes")
+    pos = po.add_subparsers(dest="pool_command", required=True)
+    pb = pos.add_parser("build", help="convert a pool (name, .npz, ImageNet64 batch dir, image folder) into Parquet "
+                                      "shards with stable sample ids")
+    pb.add_argument("source", help="pool name, dataset name, .npz, ImageNet64 batch directory or image folder")
+    pb.add_argument("out", help="output directory (a new one)")
+    pb.add_argument("--rows-per-shard", type=int, default=50_000)
+    pb.add_argument("--row-group-size", type=int, default=1024)
+    pb.add_argument("--encoding", choices=["auto", "raw", "jpeg"], default="auto",
+                    help="auto: keep a JPEG pool's bytes, raw pixels otherwise")
+    pb.add_argument("--overwrite", action="store_true")
+    _data_args(pb)
+    pb.add_argument("-q", "--quiet", action="store_true")
+    pb.set_defaults(func=cmd_pool_build)
+    pf = pos.add_parser("features", help="SwiftTheft's reference-model features of a whole pool, with Ray Data "
+                                         "(trains or loads the reference set first)")
+    pf.add_argument("pool", help="pool (a Parquet pool directory streams shard by shard)")
+    pf.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
+                    help="swifttheft options that define the reference set, e.g. n_reference=4")
+    pf.add_argument("--out", help="features file (default: the cache SwiftTheft reads)")
+    pf.add_argument("--actors", type=int, default=2)
+    pf.add_argument("--batch-size", type=int, default=256)
+    pf.add_argument("--address", help="join this Ray cluster instead of starting a private one")
+    pf.add_argument("--num-cpus", type=int)
+    _data_args(pf)
+    pf.add_argument("-q", "--quiet", action="store_true")
+    pf.set_defaults(func=cmd_pool_features)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, bound to 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

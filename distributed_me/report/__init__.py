@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 FACTOR_PARAMS = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs",
                  "seed")
 METRICS = ("accuracy", "fidelity", "adversarial_fidelity", "queries_used", "victim_accuracy", "victim_utility",
-           "seconds_total", "seconds_selection", "seconds_query", "seconds_train", "seconds_eval")
+           "seconds_total", "seconds_setup", "seconds_selection", "seconds_query", "seconds_train", "seconds_eval")
 TABLE = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "trials", "accuracy", "fidelity",
          "adversarial_fidelity", "seconds_total"]
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "dme-sweep.json"
 RESULT_KEYS = ("accuracy", "fidelity", "adversarial_fidelity", "queries_used", "victim_accuracy",
-               "seconds_selection", "seconds_query", "seconds_train", "seconds_eval", "seconds_total")
+               "seconds_setup", "seconds_selection", "seconds_query", "seconds_train", "seconds_eval", "seconds_total")
 
 
 def sweeps_dir() -> Path:
@@ -71,6 +71,40 @@ def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
                 "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
                 "max_ongoing_requests": 64} for v in spec.victims for p in spec.policies]
     return {"victims": victims, "clients": [], "query_log": str(query_log)}
+
+
+def prepare_swifttheft(spec: SweepSpec, parent_run_id: str) -> dict[str, Any] | None:
+    """SwiftTheft's attack initialization, once per sweep and before any trial (paper 003 §III.2): the reference set
+    (from the local cache or MLflow, else trained here in the driver) and a Ray Data feature pass of the whole pool into
+    the feature cache that every SwiftTheft trial then reads. Without it, concurrent trials would each train and map.
+    Skipped when the sweep has no SwiftTheft trial or names a precomputed ``features`` file."""
+    if "swifttheft" not in spec.attack.strategy:
+        return None
+    import ray
+    from mlflow import MlflowClient
+
+    from ..attacks import QueryStrategy
+    from ..attacks.reference import feature_cache_path, get_reference_set
+    from ..data import load_pool
+    from ..pools.features import ray_feature_pass
+
+    strategy = QueryStrategy.create("swifttheft", spec.attack.strategy_options.get("swifttheft", {}))
+    if strategy.features is not None:  # type: ignore[attr-defined]
+        return None
+    pool = load_pool(spec.pool, **spec.pool_options)
+    ref = get_reference_set(strategy.reference_spec(), pool, progress=True)  # type: ignore[attr-defined]
+    path = feature_cache_path(ref, pool)
+    info: dict[str, Any] = {"reference_key": ref.key, "features": str(path), "cached": path.is_file()}
+    if not path.is_file():
+        actors = max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+        info.update(ray_feature_pass(ref, pool, out=path, actors=actors))
+    client = MlflowClient(tracking_uri())
+    client.set_tag(parent_run_id, "dme.swifttheft.reference_key", ref.key)
+    if "seconds" in info:
+        client.log_metric(parent_run_id, "swifttheft_feature_pass_seconds", info["seconds"])
+        client.log_metric(parent_run_id, "swifttheft_feature_pass_images_per_s", info["images_per_s"])
+    log.info("swifttheft initialization: %s", info)
+    return info
 
 
 def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
@@ -175,6 +209,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
         deploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
                route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")))
+        prepare_swifttheft(spec, parent)
         ctx = {"spec": spec.model_dump(mode="json"), "app_name": app_name(spec.name), "tracking_uri": tracking_uri(),
                "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "cpus_per_trial": spec.resources.cpus_per_trial}
