@@ -33,10 +33,12 @@ class CountingBench(Workbench):
     """Records every training call: (number of samples, fresh, epochs)."""
 
     calls: list[tuple[int, bool, int | None]] = field(default_factory=list)
+    interim: list[bool] = field(default_factory=list)
 
-    def train(self, images, answer, fresh=True, epochs=None):
+    def train(self, images, answer, fresh=True, epochs=None, interim=False):
         self.calls.append((len(images), fresh, epochs))
-        return super().train(images, answer, fresh=fresh, epochs=epochs)
+        self.interim.append(interim)
+        return super().train(images, answer, fresh=fresh, epochs=epochs, interim=interim)
 
 
 def _bench(oracle, seed: int = 0) -> CountingBench:
@@ -75,6 +77,7 @@ def test_end_to_end_budget_order_and_rounds(victim, name):
     assert [n for n, _, _ in bench.calls] == [20, 35, 50, 62]
     assert all(fresh for _, fresh, _ in bench.calls)
     assert [e for _, _, e in bench.calls] == [1, 1, 1, None]  # the final round trains with the full config
+    assert bench.interim == [True, True, True, False]  # only the final model reaches on_epoch and history
     assert bench.timer.seconds["selection"] > 0 and bench.timer.seconds["query"] > 0
 
 

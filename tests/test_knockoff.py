@@ -151,9 +151,10 @@ def _extract(victim, pool, policy, budget, seed=0, **options):
     bench.on_epoch = lambda epoch, row: epochs_reported.append(epoch)
     train, bench.fresh_flags = bench.train, []
 
-    def counting_train(images, answer, fresh=True, epochs=None):
+    def counting_train(images, answer, fresh=True, epochs=None, interim=False):
         bench.fresh_flags.append(fresh)
-        return train(images, answer, fresh=fresh, epochs=epochs)
+        assert interim == (not fresh)  # warm-started updates are the interim ones
+        return train(images, answer, fresh=fresh, epochs=epochs, interim=interim)
 
     bench.train = counting_train
     strategy = QueryStrategy.create("knockoff", {"batch_per_step": 8, "retrain_every": 30, "retrain_epochs": 1,

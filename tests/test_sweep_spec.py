@@ -8,6 +8,7 @@ import pytest
 from distributed_me.attacks import ATTACKS, QueryStrategy
 from distributed_me.cli import main
 from distributed_me.errors import DmeError
+from distributed_me.spec_types import read_yaml_mapping
 from distributed_me.sweep.spec import FACTORS, load_sweep, parse_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +89,22 @@ def test_cli_dry_run_and_errors(capsys, tmp_path):
     assert "rmsprop" in err and "Traceback" not in err
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert "sweeps/quickstart.yaml" in capsys.readouterr().err
+
+
+def test_unknown_pool_is_refused_naming_what_is_accepted(tmp_path):
+    with pytest.raises(DmeError, match=r"pool 'nowhere/pool' is neither a registered pool .*dme pool build"):
+        parse_sweep({"name": "p", "pool": "nowhere/pool"})
+    assert parse_sweep({"name": "p", "pool": str(tmp_path)}).pool == str(tmp_path)
+
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_validate_with_their_cpu_presets(path, monkeypatch):
+    """Every shipped CPU preset is a valid spec with a non-empty grid (full presets need data this machine may lack:
+    the swifttheft sweep's full pool is an ImageNet64 Parquet build, and its absence is a validation error)."""
+    monkeypatch.chdir(ROOT)
+    presets = set(read_yaml_mapping(path, "sweep", "").get("presets", {})) - {"full"}
+    for preset in presets:
+        if preset == "cpu-small" and not (ROOT.parent / "shared" / "data").is_dir():
+            continue
+        assert load_sweep(path, preset).grid()

@@ -25,9 +25,11 @@ def test_soft_equals_hard_on_one_hot():
 def test_optimizer_defaults_follow_mebench():
     assert {n: (OPTIMIZERS.get(n).lr, OPTIMIZERS.get(n).betas) for n in OPTIMIZERS.names()} == {
         "sgd": (3e-2, (0.9, 0.999)), "adam": (3e-4, (0.9, 0.999)), "adamw": (3e-4, (0.9, 0.999)),
-        "lion": (3e-4, (0.9, 0.99)),
+        "lion": (3e-4, (0.9, 0.99)), "sgd-m0.5": (1e-2, (0.5, 0.999)),  # the last: SwiftTheft §IV.1
     }
-    with pytest.raises(UnknownNameError, match="adam, adamw, lion, sgd"):
+    opt = create_optimizer("sgd-m0.5", [nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5 and opt.defaults["lr"] == 1e-2
+    with pytest.raises(UnknownNameError, match="adam, adamw, lion, sgd, sgd-m0.5"):
         create_optimizer("rmsprop", [nn.Parameter(torch.zeros(1))])
 
 

@@ -226,7 +226,7 @@ class _ActiveThief(QueryStrategy):
             n_done = int(is_queried.sum())
             final = n_done >= budget
             model = bench.train(all_images, Answer.concat(answers), fresh=rnd == 0 or self.retrain == "fresh",
-                                epochs=None if final else self.epochs_per_round)
+                                epochs=None if final else self.epochs_per_round, interim=not final)
             t3 = time.perf_counter()
             rounds.append({"round": rnd, "picked": len(picks), "queried": n_done, "selection_seconds": sel_s,
                            "query_seconds": t2 - t1, "train_seconds": t3 - t2})

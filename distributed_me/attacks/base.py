@@ -85,8 +85,13 @@ class Workbench:
         with self.timer.phase("query"):
             return query_in_batches(oracle, images, self.query_batch_size)
 
-    def train(self, images: torch.Tensor, answer: Answer, fresh: bool = True, epochs: int | None = None) -> nn.Module:
-        """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels."""
+    def train(self, images: torch.Tensor, answer: Answer, fresh: bool = True, epochs: int | None = None,
+              interim: bool = False) -> nn.Module:
+        """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels.
+
+        ``interim=True`` marks an intermediate substitute of an iterative strategy (ActiveThief rounds, KnockoffNets'
+        loss reward): it is not reported through ``on_epoch``, whose rows (Tune results, MLflow steps) describe the
+        final piracy model only, and does not replace ``history``."""
         with self.timer.phase("train"):
             if fresh or self.model is None:
                 torch.manual_seed(self.seed)
@@ -94,8 +99,10 @@ class Workbench:
             soft = answer.soft_targets()
             targets = torch.from_numpy(soft) if soft is not None else torch.from_numpy(answer.labels)
             cfg = self.train_cfg if epochs is None else TrainConfig(**{**self.train_cfg.__dict__, "epochs": epochs})
-            self.history = fit(self.model, images, targets, cfg, on_epoch=self.on_epoch, progress=self.progress,
-                               desc="piracy")
+            history = fit(self.model, images, targets, cfg, on_epoch=None if interim else self.on_epoch,
+                          progress=self.progress and not interim, desc="piracy")
+            if not interim:
+                self.history = history
             return self.model
 
 

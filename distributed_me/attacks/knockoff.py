@@ -302,8 +302,5 @@ class KnockoffAdaptive(QueryStrategy):
     def _interim_train(self, bench: Workbench, images: list[torch.Tensor], answers: list[Answer]) -> torch.nn.Module:
         """Warm-started update on all pairs so far, for the loss reward only: kept out of the per-epoch reports
         (``on_epoch``), which describe the final piracy model."""
-        hook, bench.on_epoch = bench.on_epoch, None
-        try:
-            return bench.train(torch.cat(images), Answer.concat(answers), fresh=False, epochs=self.retrain_epochs)
-        finally:
-            bench.on_epoch = hook
+        return bench.train(torch.cat(images), Answer.concat(answers), fresh=False, epochs=self.retrain_epochs,
+                           interim=True)

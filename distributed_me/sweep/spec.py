@@ -170,6 +170,18 @@ class SweepSpec(BaseModel):
     retries: int = Field(1, ge=0, description="times a failed trial is retried")
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @field_validator("pool")
+    @classmethod
+    def _known_pool(cls, v: str) -> str:
+        from ..data import DATASETS, POOLS
+
+        if v in POOLS or v in DATASETS or Path(v).expanduser().exists():
+            return v
+        raise ValueError(f"pool {v!r} is neither a registered pool ({', '.join(POOLS.names())}), a dataset name "
+                         f"({', '.join(DATASETS.names())}) nor an existing path (a .npz, a Parquet pool directory "
+                         f"from `dme pool build`, an ImageNet64 batch directory or an image folder); relative paths "
+                         f"are read from {Path.cwd()}")
+
     @model_validator(mode="after")
     def _capabilities(self) -> "SweepSpec":
         for strategy in self.attack.strategy:

@@ -40,6 +40,11 @@ _register(OptimInfo(
     reference="Robbins & Monro 1951; MEBench §3.3.1 (momentum = β1)",
 ))
 _register(OptimInfo(
+    "sgd-m0.5", lr=1e-2, betas=(0.5, 0.999), weight_decay=0.0,
+    build=lambda p, lr, betas, wd: torch.optim.SGD(p, lr=lr, momentum=betas[0], weight_decay=wd),
+    reference="SwiftTheft (paper 003 §IV.1): victims and substitutes use SGD, lr 0.01, momentum 0.5",
+))
+_register(OptimInfo(
     "adam", lr=3e-4, betas=(0.9, 0.999), weight_decay=0.0,
     build=lambda p, lr, betas, wd: torch.optim.Adam(p, lr=lr, betas=betas, weight_decay=wd),
     reference="Kingma & Ba 2015; MEBench §3.3.1",
