@@ -299,3 +299,44 @@ def _get(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_pool_strategies_in_a_sweep_over_a_parquet_pool(sweep_env):
+    """SwiftTheft, ActiveThief and KnockoffNets as trials over a Parquet pool: SwiftTheft's reference set is trained
+    once and stored in MLflow, the pool's features come from a Ray Data pass before the trials, and every trial
+    spends exactly its budget."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from distributed_me.data import ArrayPool, write_pool_shards
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    rng = np.random.default_rng(0)
+    pool_dir = sweep_env["dir"] / "pool"
+    write_pool_shards(ArrayPool(rng.integers(0, 256, (400, 20, 20, 3), dtype=np.uint8), name="labeled-noise",
+                                labels=rng.integers(0, 5, 400)), pool_dir, rows_per_shard=150, row_group_size=50)
+    strategies = ["swifttheft", "activethief-kcenter", "knockoff"]
+    doc = _doc("pools", pool=str(pool_dir), policies=["probabilities"],
+               attack={"strategy": strategies, "optimizer": "adam", "budget": 40, "epochs": 1,
+                       "strategy_options": {
+                           "swifttheft": {"n_seed": 10, "k_per_iter": 10, "n_reference": 2, "reference_arch":
+                                          "tiny_cnn", "reference_epochs": 1, "reference_size": 16},
+                           "activethief-kcenter": {"n_seed": 20, "per_round": 10}}})
+    doc["pool_options"] = {}
+    try:
+        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+    finally:
+        _shutdown_ray()
+    assert out.errors == [] and sorted(r["strategy"] for r in out.rows) == sorted(strategies)
+    assert all(r["queries_used"] == 40 and r["completed"] for r in out.rows)
+
+    (parent,) = _runs(sweep_env["uri"], "pools", "sweep")
+    key = parent.data.tags["dme.swifttheft.reference_key"]
+    assert parent.data.metrics["swifttheft_feature_pass_images_per_s"] > 0
+    c = MlflowClient(sweep_env["uri"])
+    refs = c.search_runs([c.get_experiment_by_name("dme-references").experiment_id],
+                         f"tags.`dme.reference_key` = '{key}'")
+    assert len(refs) == 1 and [a.path for a in c.list_artifacts(refs[0].info.run_id)] == ["reference.pt"]
+    (st,) = [r for r in out.rows if r["strategy"] == "swifttheft"]
+    assert st["seconds_setup"] < st["seconds_train"] + 5  # features read from the sweep's pass, not recomputed

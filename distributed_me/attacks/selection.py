@@ -48,7 +48,8 @@ def _as_features(features: np.ndarray) -> np.ndarray:
         raise ValueError(f"features must be non-empty, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"features must be real numbers, got dtype {x.dtype}")
-    if not np.isfinite(x).all():
+    rows = _rows_per_chunk(x.shape[0], x.shape[1], None)
+    if not all(np.isfinite(x[s : s + rows]).all() for s in range(0, x.shape[0], rows)):  # no N x D temporary
         raise ValueError("features contain NaN or inf")
     return x
 
@@ -95,19 +96,37 @@ def _l1_standardized_loglik(x: np.ndarray, mean: np.ndarray, std: np.ndarray) ->
     return -diff.sum(axis=-1)
 
 
-def _mean_var(features: np.ndarray, idx: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eq. (4): mean and biased (1/|S|) variance of ``features[idx]``, two-pass, in row chunks."""
-    n, d = idx.shape[0], features.shape[1]
-    total = np.zeros(d, dtype=np.float64)
-    for s in range(0, n, rows):
-        total += features[idx[s : s + rows]].sum(axis=0, dtype=np.float64)
-    mean = total / n
-    m2 = np.zeros(d, dtype=np.float64)
-    for s in range(0, n, rows):
-        diff = np.subtract(features[idx[s : s + rows]], mean, dtype=np.float64)
-        diff *= diff
-        m2 += diff.sum(axis=0)
-    return mean, m2 / n
+class _Moments:
+    """Eq. (4) kept up to date as samples join S_i: count, mean and M2 (sum of squared deviations) in float64.
+
+    Each batch's own two-pass statistics are merged in with Chan, Golub & LeVeque's pairwise update, so an iteration
+    costs O(K * D) rather than re-reading all of S_i (which would add an O(B^2 / K * D) term independent of the
+    pool size). The variance is the biased 1/|S_i| one, as Eq. (4)."""
+
+    def __init__(self, d: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(d, dtype=np.float64)
+        self.m2 = np.zeros(d, dtype=np.float64)
+
+    def add(self, features: np.ndarray, idx: np.ndarray, rows: int) -> None:
+        nb = idx.shape[0]
+        total = np.zeros_like(self.mean)
+        for s in range(0, nb, rows):
+            total += features[idx[s : s + rows]].sum(axis=0, dtype=np.float64)
+        mean_b = total / nb
+        m2_b = np.zeros_like(self.mean)
+        for s in range(0, nb, rows):
+            diff = np.subtract(features[idx[s : s + rows]], mean_b, dtype=np.float64)
+            diff *= diff
+            m2_b += diff.sum(axis=0)
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.n * nb / n)
+        self.n = n
+
+    def var(self) -> np.ndarray:
+        return self.m2 / self.n
 
 
 def _k_smallest(scores: np.ndarray, k: int) -> np.ndarray:
@@ -169,7 +188,7 @@ def swifttheft_select(
     500 samples in each iteration" (§IV.2), and Table 3 reports SwiftTheft's per-iteration time at 1000, 1500,
     ..., 10000 selected samples (a first iteration 500 -> 1000, then +500 per iteration).
 
-    Cost per iteration: O(N * D) for the scores plus O(|S_i| * D) for the re-estimation; partial selection is
+    Cost per iteration: O(N * D) for the scores plus O(K * D) for the re-estimation (a running update); partial selection is
     O(N) (``argpartition``), plus O(K log K) to order the picks. Memory: a few N-vectors and row chunks of at
     most ``_CHUNK_ELEMS`` float64 (or ``chunk_rows`` rows); never an N x N matrix.
 
@@ -202,9 +221,11 @@ def swifttheft_select(
     selected = np.zeros(n, dtype=bool)
     selected[order[:n_seed]] = True
     count = n_seed
+    moments = _Moments(x.shape[1])
+    moments.add(x, order[:n_seed], rows)
     scores = np.empty(n, dtype=np.float64)
     while count < budget:
-        mean, var = _mean_var(x, order[:count], rows)
+        mean, var = moments.mean, moments.var()
         np.maximum(var, eps, out=var)
         if criterion == "gaussian":
             for s in range(0, n, rows):
@@ -218,6 +239,7 @@ def swifttheft_select(
         picks = _k_smallest(scores, take)
         order[count : count + take] = picks
         selected[picks] = True
+        moments.add(x, picks, rows)
         count += take
     return order
 

@@ -64,6 +64,9 @@ def ray_feature_pass(ref: ReferenceSet, pool: Pool, out: str | Path | None = Non
             raise ValueError("non-Parquet pools are addressed by index; their ids must be 0..N-1")
         ds = ray.data.range(len(pool)).map_batches(lambda b: {"id": b["id"]}, batch_format="numpy")
         ctor = (ref.payload, None, None, pool)
+    # small shards are read as one block, and one block feeds one actor: cut the stream into row-count blocks
+    # (a streaming repartition, no shuffle) so that every actor of the pool gets work
+    ds = ds.repartition(target_num_rows_per_block=max(batch_size, min(4096, -(-len(pool) // (4 * actors)))))
     res: dict[str, Any] = {"num_gpus": 1.0 / max(1, actors)} if gpus else {"num_cpus": 0.5}
     mapped = ds.map_batches(
         _FeatureActor, fn_constructor_args=(*ctor, 1), batch_size=batch_size, batch_format="numpy",
