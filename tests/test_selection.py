@@ -124,6 +124,25 @@ def test_swifttheft_properties():
     assert not np.array_equal(out, swifttheft_select(X, 53, 8, 9, np.random.default_rng(5)))
 
 
+def test_swifttheft_fills_the_rarest_reference_class_and_batches_overshoot():
+    """The mechanism behind SwiftTheft (§III.3): with features that separate the reference classes (m perfect
+    reference models, z = m * onehot), the least likely sample under the diagonal Gaussian of S_i is one of the class
+    rarest in S_i, so K = 1 balances the classes exactly. K successive argmins under one estimate (eq. 7) all go to
+    the same rarest class: a large K overshoots it. This is why K matters in the diagnostics of issue 5."""
+    classes, per_class, m = 5, 200, 4
+    labels = np.repeat(np.arange(classes), per_class)
+    np.random.default_rng(0).shuffle(labels)
+    feats = np.zeros((len(labels), classes), dtype=np.float32)
+    feats[np.arange(len(labels)), labels] = m
+    idx = swifttheft_select(feats, 50, k_per_iter=1, n_seed=5, rng=0)
+    assert np.bincount(labels[idx], minlength=classes).tolist() == [10] * classes
+    batched = swifttheft_select(feats, 37, k_per_iter=25, n_seed=12, rng=3)
+    seeds = np.bincount(labels[batched[:12]], minlength=classes)
+    assert (seeds == seeds.min()).sum() == 1  # (this seed set has one rarest class)
+    picks = labels[batched[12:]]
+    assert set(picks.tolist()) == {int(seeds.argmin())}  # one batch, all of the rarest class: 25 more of it
+
+
 def test_swifttheft_budget_equal_to_seeds_returns_only_seeds():
     X = _pool()
     out = swifttheft_select(X, 12, 5, 12, np.random.default_rng(1))

@@ -122,6 +122,8 @@ class QueryStrategy(BaseModel):
     name: ClassVar[str]
     #: answer kinds the strategy can learn from; ("probabilities",) for methods that need scores
     accepts: ClassVar[tuple[str, ...]] = ("probabilities", "topk", "label")
+    #: options that may hold a file path: a sweep makes relative ones absolute before trials, which run elsewhere
+    path_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":

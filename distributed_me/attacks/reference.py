@@ -147,8 +147,8 @@ def train_reference_set(spec: ReferenceSpec, data: Pool, progress: bool = False)
                           augment=True, hflip=True, seed=spec.seed + j)
         hist = fit(model, to_tensor(images), torch.from_numpy(labels[part]), cfg, progress=progress,
                    desc=f"reference {j + 1}/{spec.n_models}")
-        log.info("reference model %d/%d: %d images, final train loss %.3f", j + 1, spec.n_models, len(part),
-                 hist[-1].get("loss", float("nan")))
+        log.info("reference model %d/%d: %d images, final train loss %.3f, train accuracy %.3f", j + 1,
+                 spec.n_models, len(part), hist[-1]["train_loss"], hist[-1]["train_agreement"])
         states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return ReferenceSet({"key": reference_key(spec, data), "spec": spec.model_dump(), "arch": spec.arch,
                          "size": size, "num_classes": classes, "normalization": norm.to_dict(),  # type: ignore

@@ -192,8 +192,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                            f"{spec.name}`, start it again with --fresh, or give the sweep another name")
         save_spec(spec, preset, folder)
 
-    if Path(spec.pool).expanduser().exists():  # trials run in Tune's trial folders: relative paths must not leak
-        spec = spec.model_copy(update={"pool": str(Path(spec.pool).expanduser().resolve())})
+    spec = spec.with_absolute_paths()  # trials run in Tune's trial folders: relative paths must not leak
     init_ray(address, num_cpus=num_cpus)
     gpus = cluster_has_gpus()
     exp_id = ensure_experiment(spec.experiment)

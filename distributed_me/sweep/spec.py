@@ -205,6 +205,22 @@ class SweepSpec(BaseModel):
             raise ValueError("asha needs eval_every_epoch: true (it stops trials on per-epoch fidelity)")
         return self
 
+    def with_absolute_paths(self) -> "SweepSpec":
+        """The spec with every relative path that exists here (``pool``, path-valued strategy options such as
+        SwiftTheft's ``reference_data``) made absolute: trials run in Tune's trial folders (or on other nodes of a
+        shared file system), where a relative path would point elsewhere. Registered names stay as they are."""
+
+        def absolute(v: Any) -> Any:
+            return str(Path(v).expanduser().resolve()) if isinstance(v, str) and Path(v).expanduser().exists() else v
+
+        def paths(name: str) -> tuple[str, ...]:
+            return ATTACKS.get(name).path_options if name in ATTACKS else ()
+
+        options = {name: {k: absolute(v) if k in paths(name) else v for k, v in opts.items()}
+                   for name, opts in self.attack.strategy_options.items()}
+        attack = self.attack.model_copy(update={"strategy_options": options})
+        return self.model_copy(update={"pool": absolute(self.pool), "attack": attack})
+
     # ------------------------------------------------------------------ the grid
     def deployment_name(self, victim: str, policy: str) -> str:
         """The Serve victim name for one victim × policy pair (one deployment each, shared by all trials)."""
