@@ -12,6 +12,12 @@ the label-only API the paper assumes (§III.1).
     python scripts/swifttheft_diagnostics.py coverage
     python scripts/swifttheft_diagnostics.py train --budgets 1000 2000 --seeds 0 1 2 --variants random swift ...
 
+Needs the victim of the swifttheft-vs-baselines cpu-small preset, registered once:
+
+    dme train-victim --dataset ../shared/data/cifar10_train_10k.npz --arch cnn32 --epochs 30 --optimizer adam \
+        --lr 1e-3 --hflip --name cifar10-cnn32
+
+Reference sets are trained on first use and cached (locally and in MLflow), as in any SwiftTheft run.
 Results go to bench-results/swifttheft-diagnostics-{coverage,train}.json and a table on stdout.
 """
 
@@ -205,7 +211,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["coverage", "train"])
-    ap.add_argument("--variants", nargs="+", default=["random", "swift", "swift+eq6"])
+    ap.add_argument("--variants", nargs="+", default=["random", "swift", "swift+eq6"],
+                    help="random, or swift[-strong|-1model|-victimdata|-perfect][@logits][+eq6][%%K]: the reference "
+                         "set (cpu-small's by default), logit features, eq. 6 as printed, K per iteration")
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 2000, 4000])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--policies", nargs="+", default=["probabilities", "label"])
