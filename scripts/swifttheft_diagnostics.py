@@ -47,7 +47,7 @@ OUT = Path("bench-results")
 # the cpu-small preset's reference set, and variants for the diagnostics
 REFS = {
     "swift": dict(n_reference=4, reference_arch="cnn32", reference_epochs=10, reference_lr=1e-3, reference_size=32),
-    "swift-strong": dict(n_reference=4, reference_arch="cnn32", reference_epochs=40, reference_lr=1e-3,
+    "swift-strong": dict(n_reference=4, reference_arch="cnn32", reference_epochs=25, reference_lr=1e-3,
                          reference_size=32),
     "swift-1model": dict(n_reference=1, reference_arch="cnn32", reference_epochs=40, reference_lr=1e-3,
                          reference_size=32),
