@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distributed_me.attacks.reference import ReferenceSpec, get_reference_set, pool_features, read_features
-from distributed_me.attacks.selection import swifttheft_select
+from distributed_me.attacks import QueryStrategy
+from distributed_me.attacks.reference import (ReferenceSpec, get_reference_set, pool_features, read_features,
+                                              write_features)
+from distributed_me.attacks.selection import PAPER_K_PER_ITER, swifttheft_select
 from distributed_me.data import load_pool
-from distributed_me.data.base import to_tensor
-from distributed_me.extraction import AttackSpec
+from distributed_me.data.base import adapt_images, to_tensor
+from distributed_me.extraction import AttackSpec, run_extraction
 from distributed_me.oracle import LocalOracle
 from distributed_me.runner import evaluator_for, load_victim
 
@@ -49,8 +51,6 @@ REFS = {
     "swift": dict(n_reference=4, reference_arch="cnn32", reference_epochs=10, reference_lr=1e-3, reference_size=32),
     "swift-strong": dict(n_reference=4, reference_arch="cnn32", reference_epochs=25, reference_lr=1e-3,
                          reference_size=32),
-    "swift-1model": dict(n_reference=1, reference_arch="cnn32", reference_epochs=40, reference_lr=1e-3,
-                         reference_size=32),
     # paper Table 2's upper bound: reference data = the victim's own training data (10 features)
     "swift-victimdata": dict(n_reference=4, reference_arch="cnn32", reference_epochs=10, reference_lr=1e-3,
                              reference_size=32, reference_data=VICTIM_DATA),
@@ -58,9 +58,11 @@ REFS = {
 
 
 def variant_options(name: str, pool=None) -> dict:
-    """``swift[-refs][@logits][+eq6][%K]`` -> SwiftTheft strategy options (``%K``: K samples per iteration). ``@logits``: features are the summed logits
-    of the reference models instead of their summed softmax outputs (§III.2 calls F_R's output a "representation"
-    of dimension = number of reference classes, which either reading satisfies); written to a features file."""
+    """``swift[-refs][@logits][+eq6][%K]`` -> SwiftTheft strategy options (``%K``: K samples per iteration).
+
+    ``@logits``: features are the summed logits of the reference models instead of their summed softmax outputs
+    (§III.2 calls F_R's output a "representation" of dimension = number of reference classes, which either reading
+    satisfies); written to a features file."""
     name, _, k = name.partition("%")
     base, _, crit = name.partition("+")
     base, _, kind = base.partition("@")
@@ -78,8 +80,6 @@ def variant_options(name: str, pool=None) -> dict:
 def perfect_features(pool, m: int = 4) -> Path:
     """The upper bound of reference quality on the pool itself: m reference models that classify every pool
     sample correctly (its Tiny-ImageNet label), so z_n = m * onehot(label_n)."""
-    from distributed_me.attacks.reference import write_features
-
     labels = np.asarray(pool.labels)
     feats = np.zeros((len(pool), labels.max() + 1), dtype=np.float32)
     feats[np.arange(len(pool)), labels] = m
@@ -88,9 +88,6 @@ def perfect_features(pool, m: int = 4) -> Path:
 
 
 def logit_features(opts: dict, pool) -> Path:
-    from distributed_me.attacks.reference import write_features
-    from distributed_me.data.base import adapt_images
-
     ref = get_reference_set(ref_spec(opts), pool, progress=True)
     path = OUT / f"logits-{ref.key}-{pool.content_key()}.parquet"
     if path.exists():
@@ -105,8 +102,8 @@ def logit_features(opts: dict, pool) -> Path:
 
 
 def ref_spec(opts: dict) -> ReferenceSpec:
-    return ReferenceSpec(data=opts.get("reference_data"), n_models=opts["n_reference"], arch=opts["reference_arch"],
-                         epochs=opts["reference_epochs"], lr=opts["reference_lr"], size=opts.get("reference_size"))
+    """The reference set SwiftTheft itself builds from these options."""
+    return QueryStrategy.create("swifttheft", opts).reference_spec()  # type: ignore[attr-defined]
 
 
 def entropy(counts: np.ndarray) -> float:
@@ -139,7 +136,7 @@ def coverage(args: argparse.Namespace) -> list[dict]:
                     idx = np.random.default_rng(seed).choice(len(pool), size=budget, replace=False)
                 else:
                     idx = swifttheft_select(feats, budget, rng=seed, criterion=opts.get("criterion", "gaussian"),
-                                            k_per_iter=opts.get("k_per_iter", 500))
+                                            k_per_iter=opts.get("k_per_iter", PAPER_K_PER_ITER))
                 vc = np.bincount(vlab[idx], minlength=len(victim.class_names))
                 rows.append({"variant": variant, "budget": budget, "seed": seed,
                              "pool_classes": int(len(np.unique(pool.labels[idx]))),
@@ -153,7 +150,6 @@ def train(args: argparse.Namespace) -> list[dict]:
     pool = load_pool(POOL)
     victim = load_victim("cifar10-cnn32")
     evaluator = evaluator_for(victim)
-    from distributed_me.extraction import run_extraction
 
     rows = []
     for policy in args.policies:
@@ -212,7 +208,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["coverage", "train"])
     ap.add_argument("--variants", nargs="+", default=["random", "swift", "swift+eq6"],
-                    help="random, or swift[-strong|-1model|-victimdata|-perfect][@logits][+eq6][%%K]: the reference "
+                    help="random, or swift[-strong|-victimdata|-perfect][@logits][+eq6][%%K]: the reference "
                          "set (cpu-small's by default), logit features, eq. 6 as printed, K per iteration")
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 2000, 4000])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

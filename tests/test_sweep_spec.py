@@ -115,7 +115,6 @@ def test_relative_paths_become_absolute_before_trials(tmp_path, monkeypatch):
     assert parse_sweep({"name": "p"}).with_absolute_paths().pool == "photos"
 
 
-
 @pytest.mark.parametrize("path", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_sweeps_validate_with_their_cpu_presets(path, monkeypatch):
     """Every shipped CPU preset is a valid spec with a non-empty grid (full presets need data this machine may lack:
