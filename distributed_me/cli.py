@@ -23,15 +23,18 @@ def _table(rows: list[tuple[str, str]], title: str = "") -> str:
 
 
 def result_table(result: dict) -> str:
-    s = result["seconds"]
+    """An extraction's metrics (the result schema, flat names) as a short table."""
+    from .attacks import PHASES
+
     rows = [
         ("victim accuracy", f"{result['victim_accuracy']:.4f}"),
+        *([("victim utility", f"{result['victim_utility']:.4f}  (accuracy of the API's answers)")]
+          if "victim_utility" in result else []),
         ("piracy accuracy", f"{result['accuracy']:.4f}"),
         ("fidelity", f"{result['fidelity']:.4f}"),
         ("adversarial fidelity", f"{result['adversarial_fidelity']:.4f}"),
-        ("queries used", f"{result['queries_used']} / {result['budget']}"),
-        ("time (s)", (f"setup {s['setup']:.1f} | " if "setup" in s else "") + f"selection {s['selection']:.1f} | query {s['query']:.1f} | train {s['train']:.1f} | "
-                     f"eval {s['eval']:.1f} | total {s['total']:.1f}"),
+        ("queries used", f"{int(result['queries_used'])} / {result['budget']}"),
+        ("time (s)", " | ".join(f"{p} {result[f'seconds_{p}']:.1f}" for p in (*PHASES, "total"))),
     ]
     return _table(rows, "extraction result")
 
@@ -81,11 +84,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .extraction import AttackSpec
     from .runner import attack_in_process
 
-    try:
-        spec = AttackSpec(strategy=args.strategy, strategy_options=_options(args.strategy_option), budget=args.budget,
-                          arch=args.arch, pretrained=args.pretrained or False, optimizer=args.optimizer, lr=args.lr,
-                          epochs=args.epochs, batch_size=args.batch_size, augment=not args.no_augment,
-                          seed=args.seed, adv_eval_samples=args.adv_samples)
+    try:  # unset flags are None and fall back to AttackSpec's defaults
+        spec = AttackSpec.from_given(strategy=args.strategy, strategy_options=_options(args.strategy_option),
+                                     budget=args.budget, arch=args.arch, pretrained=args.pretrained,
+                                     optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
+                                     batch_size=args.batch_size, augment=False if args.no_augment else None,
+                                     seed=args.seed, adv_eval_samples=args.adv_samples)
     except ValidationError as e:
         raise explain_validation_error(e, "attack") from None
     result = attack_in_process(spec, victim=args.victim, pool=args.pool, output_policy=args.output_policy,
@@ -142,8 +146,8 @@ def trial_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-SWEEP_COLUMNS = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "seed", "accuracy", "fidelity",
-                 "adversarial_fidelity", "queries_used", "seconds_total"]
+SWEEP_COLUMNS = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "seed", "victim_utility",
+                 "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds_total"]
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -161,7 +165,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep.runner import run_sweep
 
     out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                    verbose=0 if args.quiet else 1, fresh=args.fresh)
+                    on_progress=None if args.quiet else (lambda line: print(line, flush=True)), fresh=args.fresh)
     rows = sorted(out.rows, key=lambda r: tuple(str(r.get(c)) for c in SWEEP_COLUMNS[:8]))
     print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
           f"(MLflow parent run {out.parent_run_id})")
@@ -206,24 +210,34 @@ def cmd_pool_build(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_features(args: argparse.Namespace) -> int:
-    from .attacks import QueryStrategy
-    from .attacks.reference import get_reference_set
+    """A strategy's once-per-sweep preparation, on its own: whatever the strategy's ``prepare`` builds for a pool
+    (e.g. reference models and a Ray Data feature pass), cached where its trials will find it."""
+    from .attacks import ATTACKS, PrepareContext, QueryStrategy
     from .data import load_pool
-    from .pools.features import ray_feature_pass
+    from .pools.features import ray_map_pool
     from .serving.runtime import init_ray, shutdown
 
+    strategy = QueryStrategy.create(args.strategy, _options(args.strategy_option))
+    if not strategy.prepares():
+        with_step = [n for n in ATTACKS.names() if ATTACKS.get(n).prepares()]
+        raise DmeError(f"attack strategy {args.strategy!r} has no preparation step, so there is nothing to compute "
+                       f"for a pool; strategies with one: {', '.join(with_step) or 'none'}")
     pool = load_pool(args.pool, root=args.data_root, download=args.download)
-    strategy = QueryStrategy.create("swifttheft", _options(args.strategy_option))
-    ref = get_reference_set(strategy.reference_spec(), pool, progress=not args.quiet)  # type: ignore[attr-defined]
+    records: list[tuple[str, str]] = []
+
+    def record(metrics: dict[str, float], tags: dict[str, str]) -> None:
+        records.extend([(k, f"{v:.4g}") for k, v in metrics.items()] + list(tags.items()))
+
     init_ray(args.address, num_cpus=args.num_cpus)
     try:
-        r = ray_feature_pass(ref, pool, out=args.out, actors=args.actors, batch_size=args.batch_size,
-                             progress=not args.quiet)
+        ctx = PrepareContext(progress=not args.quiet, record=record,
+                             map_pool=ray_map_pool(actors=args.actors, batch_size=args.batch_size,
+                                                   progress=not args.quiet))
+        products = strategy.prepare(pool, ctx)
     finally:
         shutdown()
-    print(_table([("images", str(r["images"])), ("seconds", f"{r['seconds']:.1f}"),
-                  ("images/s", f"{r['images_per_s']:.0f}"), ("reference set", ref.key), ("features", r["path"])],
-                 f"features of {pool.name}"))
+    rows = [(k, str(v)) for k, v in products.items()] + records
+    print(_table(rows or [("prepared", "nothing to do (precomputed)")], f"{args.strategy} prepared for {pool.name}"))
     return 0
 
 
@@ -271,19 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
                                                           "(default: the embedded digits victim)")
     at.add_argument("--pool", default=None, help="pool name, dataset name or .npz path (default: embedded photos)")
-    at.add_argument("--budget", type=int, default=1000)
-    at.add_argument("--strategy", default="random")
+    # attacker choices default to None: AttackSpec owns the defaults (shown in the help from there)
+    at.add_argument("--budget", type=int, help=f"queries (default {_default('budget')})")
+    at.add_argument("--strategy", help=f"query strategy (default {_default('strategy')}): {_names('attacks')}")
     at.add_argument("--strategy-option", action="append", metavar="KEY=VALUE")
-    at.add_argument("--arch", default="cnn32", help="piracy model architecture")
+    at.add_argument("--arch", help=f"piracy model architecture (default {_default('arch')}): {_names('models')}")
     at.add_argument("--pretrained", help="'true' for hub weights or a local checkpoint path")
-    at.add_argument("--optimizer", default="adam")
-    at.add_argument("--lr", type=float)
-    at.add_argument("--epochs", type=int, default=30)
-    at.add_argument("--batch-size", type=int, default=64)
+    at.add_argument("--optimizer", help=f"(default {_default('optimizer')}): {_names('optimizers')}")
+    at.add_argument("--lr", type=float, help="learning rate (default: the optimizer's paper default)")
+    at.add_argument("--epochs", type=int, help=f"piracy training epochs (default {_default('epochs')})")
+    at.add_argument("--batch-size", type=int, help=f"(default {_default('batch_size')})")
     at.add_argument("--no-augment", action="store_true")
-    at.add_argument("--output-policy", default="probabilities", help="e.g. probabilities, topk:1, label, "
-                                                                    "round:2,topk:3")
-    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--output-policy", default="probabilities", help="a chain such as round:2,topk:1; policies: "
+                                                                    f"{_names('policies')}")
+    at.add_argument("--seed", type=int, help=f"(default {_default('seed')})")
     at.add_argument("--adv-samples", type=int, help="test images used for adversarial fidelity (default: all)")
     _data_args(at)
     at.add_argument("--victim-url", help="attack through the victim API, e.g. http://127.0.0.1:8000/v1/victims/NAME "
@@ -332,12 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(pb)
     pb.add_argument("-q", "--quiet", action="store_true")
     pb.set_defaults(func=cmd_pool_build)
-    pf = pos.add_parser("features", help="SwiftTheft's reference-model features of a whole pool, with Ray Data "
-                                         "(trains or loads the reference set first)")
+    pf = pos.add_parser("features", help="run a strategy's once-per-sweep preparation for a pool (e.g. reference "
+                                         "models and a Ray Data feature pass), cached where its trials read it")
     pf.add_argument("pool", help="pool (a Parquet pool directory streams shard by shard)")
+    pf.add_argument("--strategy", required=True, help="a strategy with a preparation step")
     pf.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
-                    help="swifttheft options that define the reference set, e.g. n_reference=4")
-    pf.add_argument("--out", help="features file (default: the cache SwiftTheft reads)")
+                    help="the strategy's options that define what is prepared, e.g. n_reference=4")
     pf.add_argument("--actors", type=int, default=2)
     pf.add_argument("--batch-size", type=int, default=256)
     pf.add_argument("--address", help="join this Ray cluster instead of starting a private one")
@@ -367,6 +382,22 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default="bench-results")
     bn.set_defaults(func=cmd_bench)
     return p
+
+
+def _default(field: str) -> object:
+    from .extraction import AttackSpec
+
+    return AttackSpec.model_fields[field].default
+
+
+def _names(kind: str) -> str:
+    """The registered names of one kind, for --help (the registries fill on import)."""
+    from .attacks import ATTACKS
+    from .defenses import POLICIES
+    from .models import MODELS
+    from .train import OPTIMIZERS
+
+    return ", ".join({"attacks": ATTACKS, "models": MODELS, "optimizers": OPTIMIZERS, "policies": POLICIES}[kind])
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

@@ -1,37 +1,55 @@
 """One extraction, end to end: strategy → oracle → piracy model → metrics. The body of `dme attack` and of a sweep
 trial alike; it knows nothing of Ray, so the same code runs in a unit test, on the command line and in Tune.
+
+Two things are defined here once and imported everywhere else:
+
+- :class:`AttackSpec` owns the attacker's defaults. Callers that were not given a value (an unset CLI flag, a sweep
+  factor left out) drop it rather than repeat a default — see :meth:`AttackSpec.from_given`, the way timm's
+  ``create_model`` drops ``None`` kwargs.
+- The result schema: :data:`METRIC_NAMES`, the flat metric names of one run (``dme attack --json``, Tune reports,
+  MLflow metrics, ``dme report``, ``dme bench``), produced by :meth:`ExtractionResult.metrics`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .attacks import ATTACKS, QueryStrategy, Timer, Workbench
-from .data.base import Pool
+from .attacks import ATTACKS, PHASES, QueryStrategy, Timer, Workbench
+from .data.base import Normalization, Pool
+from .defenses import parse_policy
 from .metrics import accuracy, adversarial_fidelity, fidelity
-from .models import NormalizedModel, create_model, MODELS
+from .models import MODELS, NormalizedModel, create_model
 from .oracle import Oracle
-from .data.base import Normalization
 from .train import OPTIMIZERS, TrainConfig, predict_labels
 
 log = logging.getLogger(__name__)
 
+#: the metric names of one extraction run, in the order tables show them. ``victim_utility`` is the defender's side:
+#: top-1 accuracy of the labels the API returns under its output policy, on the victim's test split.
+SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "accuracy", "fidelity", "adversarial_fidelity",
+                                "queries_used")
+TIME_NAMES: tuple[str, ...] = tuple(f"seconds_{p}" for p in (*PHASES, "total"))
+METRIC_NAMES: tuple[str, ...] = SCORE_NAMES + TIME_NAMES
+
 
 class AttackSpec(BaseModel):
-    """The attacker's choices for one extraction, validated before anything runs."""
+    """The attacker's choices for one extraction, validated before anything runs. The defaults here are the only
+    attacker defaults in the project; ``lr=None`` is the optimizer's paper default (see ``train/optimizers.py``)."""
 
     model_config = ConfigDict(extra="forbid")
     strategy: str = "random"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     budget: int = Field(1000, gt=0)
-    arch: str = "tiny_cnn"
+    arch: str = "cnn32"
     pretrained: bool | str = False
     optimizer: str = "adam"
     lr: float | None = Field(None, gt=0)
@@ -60,6 +78,12 @@ class AttackSpec(BaseModel):
         OPTIMIZERS.get(v)
         return v
 
+    @classmethod
+    def from_given(cls, **given: Any) -> "AttackSpec":
+        """A spec from the values a caller was given; ``None`` means "not given" and falls back to the default here
+        (for ``lr``, whose default is ``None``, that is the same thing)."""
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, lr=self.lr,
                            weight_decay=self.weight_decay, augment=self.augment, seed=self.seed)
@@ -70,16 +94,31 @@ class AttackSpec(BaseModel):
 
 @dataclass
 class Evaluator:
-    """The benchmark's judge: the victim's unmetered top-1 and its labeled test split (never given to attacks)."""
+    """The benchmark's judge: the victim's unmetered top-1 and its labeled test split (never given to attacks).
+
+    With ``victim_probs`` it also judges the defender's side: :meth:`utility` of an output policy."""
 
     victim_labels: Callable[[torch.Tensor], torch.Tensor]
     images: torch.Tensor
     labels: torch.Tensor
     victim_pred: torch.Tensor | None = None
+    victim_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _utility: dict[str, float] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.victim_pred is None:
             self.victim_pred = self.victim_labels(self.images)
+
+    def utility(self, policy: str) -> float | None:
+        """Top-1 accuracy of the labels the API returns under ``policy`` on the test split (cached per policy);
+        ``None`` without ``victim_probs``. Seeded policies (noise) use seed 0, as a deployment's first replica."""
+        if self.victim_probs is None:
+            return None
+        if policy not in self._utility:
+            probs = self.victim_probs(self.images).numpy()
+            answer = parse_policy(policy, seed=0)(probs)
+            self._utility[policy] = accuracy(np.asarray(answer.labels), self.labels.numpy())
+        return self._utility[policy]
 
     @property
     def victim_accuracy(self) -> float:
@@ -99,6 +138,9 @@ class Evaluator:
 
 @dataclass
 class ExtractionResult:
+    """One run's outcome. :meth:`metrics` is the result schema (:data:`METRIC_NAMES`); ``seconds`` holds every phase
+    of :data:`PHASES` plus ``total``."""
+
     victim_accuracy: float
     accuracy: float
     fidelity: float
@@ -106,14 +148,22 @@ class ExtractionResult:
     queries_used: int
     budget: int
     seconds: dict[str, float]
+    victim_utility: float | None = None
     history: list[dict] = field(default_factory=list)
     spec: dict = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the piracy model
 
+    def metrics(self) -> dict[str, float]:
+        """The run's metrics under :data:`METRIC_NAMES` (a name whose value is unknown, e.g. the utility of a remote
+        policy, is left out rather than faked)."""
+        values: dict[str, Any] = {k: getattr(self, k) for k in SCORE_NAMES}
+        values.update({f"seconds_{k}": v for k, v in self.seconds.items()})
+        return {k: float(values[k]) for k in METRIC_NAMES if values.get(k) is not None
+                and not (isinstance(values[k], float) and math.isnan(values[k]))}
+
     def to_dict(self) -> dict:
-        d = asdict(replace(self, model=None))  # replace first: asdict would deep-copy the model
-        del d["model"]
-        return d
+        """The JSON form (``dme attack --json``): the metrics, the budget, the spec and the per-epoch history."""
+        return {**self.metrics(), "budget": self.budget, "spec": self.spec, "history": self.history}
 
 
 def run_extraction(
@@ -124,14 +174,17 @@ def run_extraction(
     progress: bool = False,
     on_epoch: Callable[[int, dict], Any] | None = None,
     eval_every_epoch: bool = False,
+    policy: str | None = None,
 ) -> ExtractionResult:
     """Run one extraction and score it. ``on_epoch(epoch, row)`` receives per-epoch rows (plus clean fidelity and
-    accuracy when ``eval_every_epoch``), e.g. for Tune or MLflow."""
-    strategy = spec.build_strategy()
-    strategy.check(oracle, pool, spec.budget)
+    accuracy when ``eval_every_epoch``), e.g. for Tune or MLflow. ``policy``, the output policy the oracle applies
+    when the caller knows it, adds the defender's utility to the result."""
     t_start = time.perf_counter()
-    c, size, _ = oracle.info.input_shape
     timer = Timer()
+    with timer.phase("setup"):
+        strategy = spec.build_strategy()
+        strategy.check(oracle, pool, spec.budget)
+    c, size, _ = oracle.info.input_shape
     num_classes = oracle.info.num_classes
 
     def make_model() -> torch.nn.Module:
@@ -153,12 +206,14 @@ def run_extraction(
 
     bench.on_epoch = epoch_hook if (on_epoch or eval_every_epoch) else None
     used_before = oracle.queries_used
-    result = strategy.extract(oracle, pool, spec.budget, bench)
+    result = strategy.extract(oracle, pool, spec.budget, bench)  # its own check again is cheap by contract
     with timer.phase("eval"):
         scores = evaluator.full(result.model, seed=spec.seed, adv_samples=spec.adv_eval_samples)
+        utility = evaluator.utility(policy) if policy else None
     seconds = {**timer.seconds, "total": time.perf_counter() - t_start}
     return ExtractionResult(
         victim_accuracy=evaluator.victim_accuracy,
+        victim_utility=utility,
         queries_used=oracle.queries_used - used_before,
         budget=spec.budget,
         seconds=seconds,

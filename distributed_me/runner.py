@@ -9,24 +9,16 @@ from .data.base import Pool
 from .errors import DmeError
 from .extraction import AttackSpec, Evaluator, ExtractionResult, run_extraction
 from .oracle import LocalOracle
-from .victims import Victim, embedded_victim, resolve_victim, victim_test_split
-from .victims.embedded import EMBEDDED_VICTIM
+from .http_oracle import HttpOracle
+from .victims import Victim, load_victim, victim_test_split
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL = "photos"
 
 
-def load_victim(spec: str | None, progress: bool = False) -> Victim:
-    if spec in (None, "", EMBEDDED_VICTIM):
-        return embedded_victim(progress=progress)[0]
-    return resolve_victim(spec)
-
-
 def remote_oracle(url: str, api_key: str | None, judge: Victim):
     """An HTTP oracle, checked against the judging victim: both must be the same task (classes, input shape)."""
-    from .serving.clients import HttpOracle
-
     if not api_key:
         raise DmeError("--victim-url needs --api-key (the key the server's spec gives you)")
     oracle = HttpOracle(url, api_key)
@@ -39,7 +31,7 @@ def remote_oracle(url: str, api_key: str | None, judge: Victim):
 
 def evaluator_for(victim: Victim, data_root: str | None = None, download: bool = False) -> Evaluator:
     x, y = victim_test_split(victim, root=data_root, download=download)
-    return Evaluator(victim.predict_labels, x, y)
+    return Evaluator(victim.predict_labels, x, y, victim_probs=victim.predict_probs)
 
 
 def log_extraction_run(result: ExtractionResult, params: dict, experiment: str, run_name: str,
@@ -53,11 +45,7 @@ def log_extraction_run(result: ExtractionResult, params: dict, experiment: str, 
         mlflow.log_params({k: str(v) for k, v in params.items()})
         for row in result.history:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-        mlflow.log_metrics({
-            "victim_accuracy": result.victim_accuracy, "accuracy": result.accuracy, "fidelity": result.fidelity,
-            "adversarial_fidelity": result.adversarial_fidelity, "queries_used": result.queries_used,
-            **{f"seconds_{k}": v for k, v in result.seconds.items()},
-        })
+        mlflow.log_metrics(result.metrics())
         return run.info.run_id
 
 
@@ -86,7 +74,9 @@ def attack_in_process(
         oracle = LocalOracle(v, output_policy, budget=spec.budget, name=v.meta.name, seed=spec.seed)
     spec.build_strategy().check(oracle, p, spec.budget)  # fail before the (slower) evaluator setup
     evaluator = evaluator_for(v, data_root, download)
-    result = run_extraction(oracle, p, spec, evaluator, progress=progress)
+    # the policy is known only in process; a remote API's policy is the server's, and its utility the server's to judge
+    result = run_extraction(oracle, p, spec, evaluator, progress=progress,
+                            policy=None if victim_url else output_policy)
     if log_mlflow:
         params = {**spec.model_dump(), "victim": v.meta.name, "pool": p.name, "output_policy": oracle.info.returns,
                   "oracle": "http" if victim_url else "in-process",

@@ -40,7 +40,8 @@ from distributed_me.data import load_pool
 from distributed_me.data.base import adapt_images, to_tensor
 from distributed_me.extraction import AttackSpec, run_extraction
 from distributed_me.oracle import LocalOracle
-from distributed_me.runner import evaluator_for, load_victim
+from distributed_me.runner import evaluator_for
+from distributed_me.victims import load_victim
 
 POOL = "../shared/data/pool_imagenet64_20k.npz"
 VICTIM_DATA = "../shared/data/cifar10_train_10k.npz"

@@ -9,7 +9,8 @@ from distributed_me.data import ArrayPool
 from distributed_me.errors import DmeError
 from distributed_me.extraction import AttackSpec, Evaluator, run_extraction
 from distributed_me.oracle import LocalOracle
-from distributed_me.runner import attack_in_process, evaluator_for, load_victim
+from distributed_me.runner import attack_in_process, evaluator_for
+from distributed_me.victims import load_victim
 
 
 @pytest.fixture(scope="session")

@@ -148,6 +148,6 @@ def test_ray_data_feature_pass_equals_plain_loop(tmp_path, ray_cluster):
     write_pool_shards(src, tmp_path / "pool", rows_per_shard=300, row_group_size=64)
     pool = ParquetPool(tmp_path / "pool")
     for p, name in ((pool, "parquet"), (src, "memory")):
-        r = ray_feature_pass(ref, p, out=tmp_path / f"{name}.parquet", actors=2, batch_size=100)
+        r = ray_feature_pass(ref.factory(), p, out=tmp_path / f"{name}.parquet", actors=2, batch_size=100)
         assert r["images"] == 700 and r["images_per_s"] > 0
         np.testing.assert_allclose(read_features(tmp_path / f"{name}.parquet", p), expected, atol=1e-5)

@@ -79,13 +79,13 @@ def http(service):
 
 @pytest.fixture(scope="module")
 def victim(service):
-    from distributed_me.runner import load_victim
+    from distributed_me.victims import load_victim
 
     return load_victim(None)
 
 
 def _npy(x: np.ndarray) -> bytes:
-    from distributed_me.serving.codec import encode_npy
+    from distributed_me.wire import encode_npy
 
     return encode_npy(x)
 
@@ -118,7 +118,8 @@ def test_http_handle_and_in_process_give_identical_answers_and_fidelity(service,
     from distributed_me.extraction import AttackSpec, run_extraction
     from distributed_me.oracle import LocalOracle
     from distributed_me.runner import evaluator_for
-    from distributed_me.serving.clients import HandleOracle, HttpOracle
+    from distributed_me.http_oracle import HttpOracle
+    from distributed_me.serving.clients import HandleOracle
 
     oracles = {
         "in-process": lambda: LocalOracle(victim, "probabilities"),

@@ -113,7 +113,7 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     from distributed_me.sweep.spec import parse_sweep
 
     try:
-        out = run_sweep(parse_sweep(_doc("e2e")), num_cpus=2, verbose=0)
+        out = run_sweep(parse_sweep(_doc("e2e")), num_cpus=2)
     finally:
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 4
@@ -155,7 +155,7 @@ def test_failed_trials_leave_failed_runs_with_the_error(sweep_env):
 
     doc = _doc("fails", pool_options={"n": 40}, attack={"optimizer": "adam"}, policies=["probabilities"], retries=1)
     try:
-        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+        out = run_sweep(parse_sweep(doc), num_cpus=2)
     finally:
         _shutdown_ray()
     assert len(out.errors) == 1 and out.rows == []
@@ -176,7 +176,7 @@ def test_optuna_search_with_asha(sweep_env):
                                                                     "optimizer": {"choice": ["adam", "sgd"]}}},
                asha={"grace_period": 1, "reduction_factor": 2})
     try:
-        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+        out = run_sweep(parse_sweep(doc), num_cpus=2)
     finally:
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 4
@@ -325,7 +325,7 @@ def test_pool_strategies_in_a_sweep_over_a_parquet_pool(sweep_env):
                            "activethief-kcenter": {"n_seed": 20, "per_round": 10}}})
     doc["pool_options"] = {}
     try:
-        out = run_sweep(parse_sweep(doc), num_cpus=2, verbose=0)
+        out = run_sweep(parse_sweep(doc), num_cpus=2)
     finally:
         _shutdown_ray()
     assert out.errors == [] and sorted(r["strategy"] for r in out.rows) == sorted(strategies)

@@ -7,7 +7,7 @@ import torch
 
 from distributed_me.errors import BundleError
 from distributed_me.train import TrainConfig
-from distributed_me.victims import load_bundle, register_victim, resolve_victim, train_victim
+from distributed_me.victims import load_bundle, register_victim, load_victim, train_victim
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,14 @@ def test_register_and_resolve_by_name_uri_and_path(tiny_victim):
     x = torch.rand(5, 1, 8, 8)
     expected = victim.predict_probs(x)
     for spec in (uri, "digits-tiny-test", str(path)):
-        torch.testing.assert_close(resolve_victim(spec).predict_probs(x), expected)
+        torch.testing.assert_close(load_victim(spec).predict_probs(x), expected)
     second = register_victim(path, "digits-tiny-test")
     assert int(second.rsplit("/", 1)[1]) == int(uri.rsplit("/", 1)[1]) + 1
 
 
 def test_unknown_registered_name_is_a_clear_error():
     with pytest.raises(BundleError, match="no registered victim named 'never-trained'"):
-        resolve_victim("never-trained")
+        load_victim("never-trained")
 
 
 def test_tampered_weights_fail_the_hash_check(tiny_victim, tmp_path):

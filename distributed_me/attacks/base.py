@@ -1,12 +1,21 @@
 """The query-strategy base class: MEBench's GenerateQuery / QueryAPI / UpdateModel loop (paper 004 §2.3, Fig. 2).
 
-A strategy is a small typed object (its options are pydantic fields, validated at construction) with one method,
-:meth:`QueryStrategy.extract`, in the manner of ART's ``ExtractionAttack.extract`` and torchattacks' ``Attack``. It sees
-only an :class:`~distributed_me.oracle.Oracle`, an unlabeled :class:`~distributed_me.data.Pool` and a
-:class:`Workbench` that trains the piracy model; never the victim. Capabilities are declared as class variables and
-checked before any query is sent (e.g. a strategy that needs probabilities against a label-only API).
+A strategy is a small typed object (its options are pydantic fields, validated at construction), in the manner of
+ART's ``ExtractionAttack.extract`` and torchattacks' ``Attack``. Its life has three steps, called alike for every
+strategy by ``dme attack``, by a sweep and by a unit test:
 
-Timing is split into selection, query and training so that strategies compare on cost as well as on fidelity.
+1. :meth:`QueryStrategy.check` — cheap, before anything runs: capabilities (a strategy that needs probabilities against
+   a label-only API), budget against pool and API key. Never trains or reads a whole pool.
+2. :meth:`QueryStrategy.prepare` — optional, once per sweep and pool, before any trial: work every trial of the
+   strategy shares (reference models, feature passes over the pool, clusters). It never queries a victim. It returns
+   option overrides that the trials then receive (e.g. ``{"features": PATH}``), so a trial reads the product instead
+   of recomputing it. The heavy pass over a pool goes through :attr:`PrepareContext.map_pool`, which is a plain loop
+   here and a Ray Data actor pool in a sweep (the core knows no Ray).
+3. :meth:`QueryStrategy.extract` — sees only an :class:`~distributed_me.oracle.Oracle`, an unlabeled
+   :class:`~distributed_me.data.Pool` and a :class:`Workbench` that trains the piracy model; never the victim.
+
+Timing is split into the phases of :data:`PHASES` for every strategy, so that strategies compare on cost as well as
+on fidelity.
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -40,10 +50,16 @@ def register_attack(cls: type["QueryStrategy"]) -> type["QueryStrategy"]:
     return cls
 
 
-class Timer:
-    """Accumulates wall time per phase (selection, query, train, eval)."""
+#: the phases every extraction is timed in: ``setup`` (building the strategy and its inputs, e.g. reading prepared
+#: features), ``selection`` (choosing or making queries), ``query`` (waiting for the API), ``train`` (the piracy
+#: model, interim substitutes included) and ``eval`` (the benchmark's scoring)
+PHASES: tuple[str, ...] = ("setup", "selection", "query", "train", "eval")
 
-    PHASES = ("selection", "query", "train", "eval")
+
+class Timer:
+    """Accumulates wall time per phase; every phase of :data:`PHASES` is present, zero when unused."""
+
+    PHASES = PHASES
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {p: 0.0 for p in self.PHASES}
@@ -115,8 +131,39 @@ class Extraction:
     history: list[dict]
 
 
+class Featurizer(Protocol):
+    """Maps uint8 NHWC pool images to float32 feature rows (N, D); built once per worker by a picklable factory."""
+
+    def features(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def map_pool_in_process(factory: Callable[[], Featurizer], pool: Pool, out: Path) -> dict[str, Any]:
+    """The plain single-process pass over a whole pool (the default of :class:`PrepareContext`)."""
+    from ..data.features import features_loop, write_features
+
+    t0 = time.perf_counter()
+    feats = features_loop(factory(), pool)
+    write_features(out, pool.sample_ids(), feats)
+    secs = time.perf_counter() - t0
+    return {"path": str(out), "images": len(pool), "seconds": secs, "images_per_s": len(pool) / max(secs, 1e-9)}
+
+
+@dataclass
+class PrepareContext:
+    """What :meth:`QueryStrategy.prepare` may use besides the pool.
+
+    ``map_pool(factory, pool, out)`` maps every pool sample through ``factory()`` and writes the features (Parquet,
+    keyed by sample id) to ``out``; a sweep passes a Ray Data actor pool here. ``record(metrics, tags)`` keeps
+    figures worth seeing (e.g. the pass's images per second) on the sweep's MLflow parent run."""
+
+    progress: bool = False
+    map_pool: Callable[[Callable[[], Featurizer], Pool, Path], dict[str, Any]] = map_pool_in_process
+    record: Callable[[dict[str, float], dict[str, str]], None] = lambda metrics, tags: None
+
+
 class QueryStrategy(BaseModel):
-    """Base class: subclasses declare options as fields and implement :meth:`extract`."""
+    """Base class: subclasses declare options as fields and implement :meth:`extract` (and :meth:`prepare` when
+    trials share a once-per-sweep product)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: ClassVar[str]
@@ -149,6 +196,16 @@ class QueryStrategy(BaseModel):
         remaining = None if oracle.budget is None else oracle.budget - oracle.queries_used
         if remaining is not None and budget > remaining:
             raise DmeError(f"budget {budget} exceeds what the API key has left ({remaining} of {oracle.budget})")
+
+    def prepare(self, pool: Pool, ctx: PrepareContext) -> dict[str, Any]:
+        """Once per sweep (and pool), before any trial; see the module docstring. Returns the option overrides every
+        trial of this strategy receives; the base strategy has nothing to prepare and returns ``{}``."""
+        return {}
+
+    @classmethod
+    def prepares(cls) -> bool:
+        """Whether the strategy declares a preparation step (overrides :meth:`prepare`)."""
+        return cls.prepare is not QueryStrategy.prepare
 
     def extract(self, oracle: Oracle, pool: Pool, budget: int, bench: Workbench) -> Extraction:
         raise NotImplementedError

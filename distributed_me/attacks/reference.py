@@ -18,6 +18,7 @@ actors over a whole pool.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -27,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.base import Normalization, Pool, to_tensor
+from ..data.base import Normalization, Pool, adapt_images, to_tensor
+from ..data.features import features_loop, read_features, write_features
 from ..data.registry import normalization_from
 from ..device import get_device
 from ..errors import DmeError
@@ -103,12 +103,14 @@ class ReferenceSet:
     def __len__(self) -> int:
         return len(self.models)
 
+    def factory(self) -> functools.partial["ReferenceSet"]:
+        """A picklable recipe for this set (its payload): what a Ray Data actor builds its own copy from."""
+        return functools.partial(ReferenceSet, self.payload)
+
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 NHWC images (any size/channels; adapted here) → float32 (N, classes): the sum over the m models of
         their softmax outputs (paper 003 eqs. 2–3)."""
-        from ..data.base import adapt_images
-
         device = get_device()
         if self._device != device:
             self.models = [m.to(device) for m in self.models]
@@ -230,61 +232,10 @@ def get_reference_set(spec: ReferenceSpec, pool: Pool | None = None, progress: b
 # ----------------------------------------------------------------------------------------- feature files
 
 
-def write_features(path: str | Path, ids: np.ndarray, features: np.ndarray) -> Path:
-    """Features as Parquet keyed by sample id (``id`` int64, ``feature`` fixed-size list of float32), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    feats = np.ascontiguousarray(features, dtype=np.float32)
-    col = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    pq.write_table(pa.table({"id": np.asarray(ids, dtype=np.int64), "feature": col}), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def features_table_to_numpy(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    ids = table.column("id").to_numpy()
-    col = table.column("feature").combine_chunks()
-    width = col.type.list_size
-    return ids, col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def read_features(path: str | Path, pool: Pool) -> np.ndarray:
-    """The feature matrix of ``pool`` in pool order, from a features file keyed by id (rows in any order)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DmeError(f"no features file {path}; compute it with `dme pool features`")
-    ids, feats = features_table_to_numpy(pq.read_table(path))
-    want = pool.sample_ids()
-    order = np.argsort(ids)
-    pos = np.searchsorted(ids, want, sorter=order)
-    pos = np.clip(pos, 0, len(ids) - 1)
-    found = ids[order[pos]] == want
-    if not found.all():
-        missing = want[~found]
-        raise DmeError(f"{path} has no features for {len(missing)} of the pool's {len(want)} samples (e.g. id "
-                       f"{int(missing[0])}): it was computed for another pool; recompute it")
-    return feats[order[pos]]
-
-
 def feature_cache_path(ref: ReferenceSet, pool: Pool) -> Path:
     from ..tracking import dme_home
 
     return dme_home() / "features" / f"{ref.key}-{pool.content_key()}.parquet"
-
-
-def features_loop(ref: ReferenceSet, pool: Pool, batch_size: int = 512, progress: bool = False) -> np.ndarray:
-    """The plain single-process feature pass (the baseline of ``dme bench selection``)."""
-    from tqdm.auto import tqdm
-
-    out = np.empty((len(pool), ref.num_classes), dtype=np.float32)
-    bar = tqdm(total=len(pool), desc="features", unit="img", disable=not progress)
-    for idx, images in pool.iter_batches(batch_size):
-        out[idx] = ref.features(images)
-        bar.update(len(idx))
-    bar.close()
-    return out
 
 
 def pool_features(ref: ReferenceSet, pool: Pool, progress: bool = False) -> np.ndarray:

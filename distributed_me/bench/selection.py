@@ -270,7 +270,7 @@ def bench_features(data_dir: Path, quick: bool) -> dict:
         t_loop, f_loop = _timed(lambda: features_loop(ref, ppool, batch_size=512))
         try:
             init_ray(num_cpus=2)
-            res = ray_feature_pass(ref, ppool, out=tmp / "f.parquet", actors=2)
+            res = ray_feature_pass(ref.factory(), ppool, out=tmp / "f.parquet", actors=2)
             f_ray = read_features(res["path"], ppool)
         finally:
             shutdown()

@@ -133,8 +133,9 @@ def _spec(source: str, query_log: str) -> dict:
 def bench_serve(args: argparse.Namespace) -> dict:
     from ray import serve
 
-    from ..runner import load_victim
-    from ..serving.clients import HandleOracle, HttpOracle
+    from ..victims import load_victim
+    from ..http_oracle import HttpOracle
+    from ..serving.clients import HandleOracle
     from ..serving.runtime import deploy, init_ray, shutdown
 
     quick = getattr(args, "quick", False)

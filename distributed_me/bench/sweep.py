@@ -42,7 +42,8 @@ def _loop(spec, threads: int) -> tuple[float, list[float]]:
     from ..data import load_pool
     from ..extraction import AttackSpec, run_extraction
     from ..oracle import LocalOracle
-    from ..runner import evaluator_for, load_victim
+    from ..runner import evaluator_for
+    from ..victims import load_victim
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -63,7 +64,7 @@ def _loop(spec, threads: int) -> tuple[float, list[float]]:
 
 @BENCHES.register("sweep")
 def bench_sweep(args: argparse.Namespace) -> dict:
-    from ..runner import load_victim
+    from ..victims import load_victim
     from ..serving.runtime import init_ray, shutdown
     from ..sweep.runner import run_sweep
     from ..sweep.spec import parse_sweep
@@ -89,11 +90,11 @@ def bench_sweep(args: argparse.Namespace) -> dict:
             init_ray(num_cpus=cores)
             t_ray = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out_c = run_sweep(spec, verbose=0)
+            out_c = run_sweep(spec)
             t_c = time.perf_counter() - t0
             rows.append({"path": "c dme sweep, 1 at a time", "trials": n, "concurrent": 1, "seconds": t_c})
             t0 = time.perf_counter()
-            out_d = run_sweep(parse_sweep(_doc(f"bench-{stamp}-conc", epochs, cores)), verbose=0)
+            out_d = run_sweep(parse_sweep(_doc(f"bench-{stamp}-conc", epochs, cores)))
             t_d = time.perf_counter() - t0
             rows.append({"path": f"d dme sweep, {cores} at a time", "trials": n, "concurrent": cores, "seconds": t_d})
         finally:

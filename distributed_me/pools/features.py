@@ -1,9 +1,10 @@
-"""SwiftTheft's feature pass over a whole pool with Ray Data (paper 003 §III.2 "Feature mapping process").
+"""A feature pass over a whole pool with Ray Data: the ``map_pool`` of a strategy's preparation step in a sweep.
 
-``ray.data.read_parquet`` streams the pool's shards (``dme pool build``); ``map_batches`` runs
-:meth:`~distributed_me.attacks.reference.ReferenceSet.features` in an actor pool (each actor builds the m reference
-models once, on a GPU fraction when the cluster has GPUs); the driver streams the ``(id, feature)`` batches into one
-Parquet file keyed by sample id. Pools that are not Parquet are fed as index ranges that each actor loads itself.
+``ray.data.read_parquet`` streams the pool's shards (``dme pool build``); ``map_batches`` runs a
+:class:`~distributed_me.attacks.base.Featurizer` in an actor pool (each actor builds its own from a picklable factory,
+once, on a GPU fraction when the cluster has GPUs — e.g. SwiftTheft's m reference models, paper 003 §III.2 "Feature
+mapping process"); the driver streams the ``(id, feature)`` batches into one Parquet file keyed by sample id. Pools
+that are not Parquet are fed as index ranges that each actor loads itself.
 
 Actors ask for half a CPU each: with whole CPUs an actor pool as large as a small cluster left no CPU for Ray Data's
 own read tasks and stalled silently (see STACK-NOTES); with fractions reads and actors share the cores.
@@ -14,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..attacks.reference import ReferenceSet, feature_cache_path
+from ..attacks import Featurizer
 from ..data.base import Pool
 from ..data.parquet import ParquetPool, decode_images
 
@@ -28,14 +30,14 @@ log = logging.getLogger(__name__)
 
 
 class _FeatureActor:
-    """Builds the reference set once per actor; maps ``{id, image}`` (or ``{id}`` for non-Parquet pools) batches."""
+    """Builds the featurizer once per actor; maps ``{id, image}`` (or ``{id}`` for non-Parquet pools) batches."""
 
-    def __init__(self, payload: dict[str, Any], encoding: str | None, shape: list[int] | None,
+    def __init__(self, factory: Callable[[], Featurizer], encoding: str | None, shape: list[int] | None,
                  pool: Pool | None, threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.ref = ReferenceSet(payload)
+        self.featurizer = factory()
         self.encoding, self.shape, self.pool = encoding, tuple(shape) if shape else None, pool
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,27 +45,40 @@ class _FeatureActor:
             images = decode_images(list(batch["image"]), self.encoding, self.shape)  # type: ignore[arg-type]
         else:
             images = self.pool.get(batch["id"])
-        return {"id": batch["id"].astype(np.int64), "feature": self.ref.features(images)}
+        return {"id": batch["id"].astype(np.int64), "feature": self.featurizer.features(images)}
 
 
-def ray_feature_pass(ref: ReferenceSet, pool: Pool, out: str | Path | None = None, actors: int = 2,
+def ray_map_pool(actors: int | None = None, batch_size: int = 256,
+                 progress: bool = False) -> Callable[[Callable[[], Featurizer], Pool, Path], dict]:
+    """The ``map_pool`` of a :class:`~distributed_me.attacks.PrepareContext` on the running Ray cluster; ``actors``
+    defaults to the cluster's CPUs (1 to 8)."""
+    import ray
+
+    def map_pool(factory: Callable[[], Featurizer], pool: Pool, out: Path) -> dict:
+        n = actors or max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
+        return ray_feature_pass(factory, pool, out, actors=n, batch_size=batch_size, progress=progress)
+
+    return map_pool
+
+
+def ray_feature_pass(factory: Callable[[], Featurizer], pool: Pool, out: str | Path, actors: int = 2,
                      batch_size: int = 256, progress: bool = False) -> dict:
-    """Map every pool sample through ``ref`` with Ray Data; write ``out`` (default: the feature cache that
-    SwiftTheft reads). Returns ``{"path", "images", "seconds", "images_per_s"}``. Needs ``ray.init`` done."""
+    """Map every pool sample through ``factory()`` with Ray Data and write ``out``.
+    Returns ``{"path", "images", "seconds", "images_per_s"}``. Needs ``ray.init`` done."""
     import ray
 
     t0 = time.perf_counter()
     gpus = ray.cluster_resources().get("GPU", 0) > 0
-    out = Path(out) if out is not None else feature_cache_path(ref, pool)
+    out = Path(out)
     if isinstance(pool, ParquetPool):
         ds = ray.data.read_parquet([str(f) for f in pool.files], columns=["id", "image"])
-        ctor = (ref.payload, pool.encoding, list(pool.image_shape), None)
+        ctor = (factory, pool.encoding, list(pool.image_shape), None)
     else:
         ids = pool.sample_ids()
         if not np.array_equal(ids, np.arange(len(pool))):
             raise ValueError("non-Parquet pools are addressed by index; their ids must be 0..N-1")
         ds = ray.data.range(len(pool)).map_batches(lambda b: {"id": b["id"]}, batch_format="numpy")
-        ctor = (ref.payload, None, None, pool)
+        ctor = (factory, None, None, pool)
     # small shards are read as one block, and one block feeds one actor: cut the stream into row-count blocks
     # (a streaming repartition, no shuffle) so that every actor of the pool gets work
     ds = ds.repartition(target_num_rows_per_block=max(batch_size, min(4096, -(-len(pool) // (4 * actors)))))

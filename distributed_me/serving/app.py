@@ -32,14 +32,15 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ..defenses import parse_policy
+from ..http_oracle import API_KEY_HEADER
 from ..oracle import OracleInfo
-from .codec import WireError, decode_body, input_hash, validate_images
+from ..victims import load_victim, victim_bundle_path
+from ..wire import WireError, decode_body, input_hash, validate_images
 from .ledger import Ledger
 from .spec import Client, ServeSpec, VictimService, parse_serve_spec
 
 log = logging.getLogger(__name__)
 
-API_KEY_HEADER = "X-API-Key"
 INGRESS_NAME = "Ingress"
 
 
@@ -74,8 +75,6 @@ class VictimReplica:
     """One victim behind its output policy. Never returns weights, paths or raw logits."""
 
     def __init__(self, service: dict, bundle_path: str | None = None):
-        from ..runner import load_victim
-
         threads = int(os.environ.get("DME_TORCH_THREADS", "1"))
         torch.set_num_threads(threads)
         self.svc = VictimService.model_validate(service)
@@ -249,21 +248,9 @@ def build_app(args: dict[str, Any]) -> Application:
     gpus = cluster_has_gpus()
     victims = {}
     for svc in spec.victims:
+        # resolved where the app is built (trains the embedded victim if needed); a replica on a node where that
+        # folder does not exist resolves the source itself
         victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus)).bind(
-            svc.model_dump(), resolve_bundle(svc.source))
+            svc.model_dump(), str(victim_bundle_path(svc.source)))
     accountant = Accountant.bind(spec.model_dump())
     return Ingress.bind(victims, accountant, spec.model_dump())
-
-
-def resolve_bundle(source: str) -> str | None:
-    """The bundle folder of a victim source, resolved where the app is built (trains the embedded victim if needed).
-
-    Replicas on this machine load that folder; replicas on other nodes, where it does not exist, resolve the source
-    themselves.
-    """
-    from ..victims.embedded import EMBEDDED_VICTIM, embedded_victim
-    from ..victims.store import resolve_bundle_path
-
-    if source in ("", EMBEDDED_VICTIM):
-        return str(embedded_victim(progress=False)[1])
-    return str(resolve_bundle_path(source).resolve())

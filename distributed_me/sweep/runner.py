@@ -17,19 +17,26 @@ import json
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..attacks import ATTACKS, PrepareContext
+from ..data import load_pool
 from ..errors import DmeError
+from ..extraction import METRIC_NAMES
 from ..tracking import dme_home, ensure_experiment, tracking_uri
+from ..victims import victim_bundle_path
+from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "dme-sweep.json"
-RESULT_KEYS = ("accuracy", "fidelity", "adversarial_fidelity", "queries_used", "victim_accuracy",
-               "seconds_setup", "seconds_selection", "seconds_query", "seconds_train", "seconds_eval", "seconds_total")
+#: what a trial reports: the result schema plus the harness's own time around the extraction
+RESULT_KEYS = (*METRIC_NAMES, "seconds_harness")
 
 
 def sweeps_dir() -> Path:
@@ -73,38 +80,39 @@ def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     return {"victims": victims, "clients": [], "query_log": str(query_log)}
 
 
-def prepare_swifttheft(spec: SweepSpec, parent_run_id: str) -> dict[str, Any] | None:
-    """SwiftTheft's attack initialization, once per sweep and before any trial (paper 003 §III.2): the reference set
-    (from the local cache or MLflow, else trained here in the driver) and a Ray Data feature pass of the whole pool into
-    the feature cache that every SwiftTheft trial then reads. Without it, concurrent trials would each train and map.
-    Skipped when the sweep has no SwiftTheft trial or names a precomputed ``features`` file."""
-    if "swifttheft" not in spec.attack.strategy:
-        return None
-    import ray
+def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True) -> SweepSpec:
+    """The strategies' once-per-sweep preparation (see :class:`~distributed_me.attacks.QueryStrategy`), before any
+    trial: every strategy of the grid that declares a ``prepare`` step runs it here, once, with a Ray Data actor pool
+    as its ``map_pool``; what it returns becomes that strategy's options in every trial, so trials read the product
+    instead of each recomputing it. Figures it records, and its wall time, go to the parent run as
+    ``prepare.STRATEGY.NAME``. Returns the spec the trials get."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
-    from ..attacks import QueryStrategy
-    from ..attacks.reference import feature_cache_path, get_reference_set
-    from ..data import load_pool
-    from ..pools.features import ray_feature_pass
+    from ..pools.features import ray_map_pool
 
-    strategy = QueryStrategy.create("swifttheft", spec.attack.strategy_options.get("swifttheft", {}))
-    if strategy.features is not None:  # type: ignore[attr-defined]
-        return None
-    pool = load_pool(spec.pool, **spec.pool_options)
-    ref = get_reference_set(strategy.reference_spec(), pool, progress=True)  # type: ignore[attr-defined]
-    path = feature_cache_path(ref, pool)
-    info: dict[str, Any] = {"reference_key": ref.key, "features": str(path), "cached": path.is_file()}
-    if not path.is_file():
-        actors = max(1, min(8, int(ray.cluster_resources().get("CPU", 1))))
-        info.update(ray_feature_pass(ref, pool, out=path, actors=actors))
     client = MlflowClient(tracking_uri())
-    client.set_tag(parent_run_id, "dme.swifttheft.reference_key", ref.key)
-    if "seconds" in info:
-        client.log_metric(parent_run_id, "swifttheft_feature_pass_seconds", info["seconds"])
-        client.log_metric(parent_run_id, "swifttheft_feature_pass_images_per_s", info["images_per_s"])
-    log.info("swifttheft initialization: %s", info)
-    return info
+    options = {k: dict(v) for k, v in spec.attack.strategy_options.items()}
+    pool = None
+    for name in spec.attack.strategy:
+        cls = ATTACKS.get(name)
+        if not cls.prepares():
+            continue
+        pool = pool or load_pool(spec.pool, **spec.pool_options)
+
+        def record(metrics: dict[str, float], tags: dict[str, str], name: str = name) -> None:
+            now = int(time.time() * 1000)
+            client.log_batch(parent_run_id, metrics=[Metric(f"prepare.{name}.{k}", float(v), now, 0)
+                                                     for k, v in metrics.items()],
+                             tags=[RunTag(f"dme.prepare.{name}.{k}", str(v)) for k, v in tags.items()])
+
+        t0 = time.perf_counter()
+        log.info("preparing strategy %s on pool %s", name, pool.name)
+        products = cls(**options.get(name, {})).prepare(pool, PrepareContext(progress=progress, record=record,
+                                                                            map_pool=ray_map_pool(progress=progress)))
+        record({"seconds": time.perf_counter() - t0}, {k: str(v) for k, v in products.items()})
+        options[name] = {**options.get(name, {}), **products}
+    return spec.model_copy(update={"attack": spec.attack.model_copy(update={"strategy_options": options})})
 
 
 def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
@@ -131,7 +139,7 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
 
 
 def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resume_path: Path | None,
-           verbose: int):
+           on_progress: Callable[[str], None] | None):
     from ray import tune
 
     from .trial import run_trial
@@ -159,20 +167,25 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
         # keep trial workers between trials: no re-import of torch & co, and the judge/pool caches in trial.py stay
         reuse_actors=True,
         metric=spec.search.metric if needs_metric else None, mode=spec.search.mode if needs_metric else None)
-    run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=verbose,
+    # Tune's own status table (every factor as a column, reprinted at every update) is off: one line per trial
+    # state change instead, and the full table once at the end (dme sweep prints it)
+    total = len(spec.grid()) if spec.search.kind == "grid" else spec.search.num_samples
+    callbacks = [TrialProgress(total, on_progress)] if on_progress else []
+    run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=0, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=spec.retries))
     return tune.Tuner(trainable, param_space=_param_space(spec, ctx), tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resume: str | None = None,
-              address: str | None = None, num_cpus: int | None = None, verbose: int = 1,
-              fresh: bool = False) -> SweepOutcome:
+              address: str | None = None, num_cpus: int | None = None,
+              on_progress: Callable[[str], None] | None = None, fresh: bool = False) -> SweepOutcome:
     """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring. ``fresh`` discards the Tune state
-    of an earlier sweep of the same name (its MLflow runs stay; reports read the newest parent run)."""
+    of an earlier sweep of the same name (its MLflow runs stay; reports read the newest parent run).
+    ``on_progress`` receives one line per trial state change (started, finished, failed)."""
     import ray
     from ray import serve
 
-    from ..serving.app import cluster_has_gpus, resolve_bundle
+    from ..serving.app import cluster_has_gpus
     from ..serving.runtime import deploy, flush_query_log, init_ray
     from . import tracking
 
@@ -204,15 +217,16 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                                        ray.cluster_resources(), preset)
     status, error, summary = "FAILED", None, None
     try:
-        bundles = {v.name: resolve_bundle(v.source) for v in spec.victims}
+        bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
         # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
         deploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
                route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")))
-        prepare_swifttheft(spec, parent)
-        ctx = {"spec": spec.model_dump(mode="json"), "app_name": app_name(spec.name), "tracking_uri": tracking_uri(),
-               "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
-               "cpus_per_trial": spec.resources.cpus_per_trial}
-        tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, verbose)
+        trial_spec = prepare_strategies(spec, parent, progress=on_progress is not None)
+        deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
+        ctx = {"spec": trial_spec.model_dump(mode="json"), "app_name": app_name(spec.name),
+               "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
+               "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial}
+        tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress)
         grid = tuner.fit()
         rows, errors = [], []
         for res in grid:

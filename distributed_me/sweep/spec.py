@@ -7,6 +7,10 @@ set of overrides deep-merged into the spec, so one file carries a paper-scale an
 
 Validation covers names (strategy, architecture, optimizer, policy, pool), values (budgets > 0, …) and capabilities:
 a strategy that needs confidence scores crossed with a label-only policy is an error here, naming both.
+
+An attacker factor left out of the file takes :class:`~distributed_me.extraction.AttackSpec`'s default, the one place
+attacker defaults live. ``plugins`` (``.py`` files or modules) are imported before validation, so a sweep can name an
+attack that lives outside the package (see :mod:`distributed_me.plugins`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..attacks import ATTACKS
 from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
+from ..extraction import AttackSpec
 from ..models import MODELS
+from ..parity import PaperTable
+from ..plugins import load_plugins
 from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
 from ..train import OPTIMIZERS
 
@@ -39,21 +46,27 @@ class VictimRef(BaseModel):
     source: str = "embedded"
 
 
+def _attack_default(name: str) -> Any:
+    """A factor left out of the sweep: AttackSpec's default (as a one-point axis, or as is for scalars)."""
+    default = AttackSpec.model_fields[name].default
+    return Field(default_factory=lambda: [default])
+
+
 class AttackFactors(BaseModel):
-    """Attacker choices; a list is a grid axis, a scalar is fixed."""
+    """Attacker choices; a list is a grid axis, a scalar is fixed, a factor left out is AttackSpec's default."""
 
     model_config = ConfigDict(extra="forbid")
-    strategy: list[str] = ["random"]
+    strategy: list[str] = _attack_default("strategy")
     strategy_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per strategy name")
-    budget: list[int] = [1000]
-    arch: list[str] = ["cnn32"]
-    optimizer: list[str] = ["adam"]
-    lr: list[float | None] = [None]
-    pretrained: list[bool | str] = [False]
-    augment: list[bool] = [True]
-    epochs: list[int] = [10]
-    seed: list[int] = [0]
-    batch_size: int = Field(64, gt=1)
+    budget: list[int] = _attack_default("budget")
+    arch: list[str] = _attack_default("arch")
+    optimizer: list[str] = _attack_default("optimizer")
+    lr: list[float | None] = _attack_default("lr")
+    pretrained: list[bool | str] = _attack_default("pretrained")
+    augment: list[bool] = _attack_default("augment")
+    epochs: list[int] = _attack_default("epochs")
+    seed: list[int] = _attack_default("seed")
+    batch_size: int = Field(AttackSpec.model_fields["batch_size"].default, gt=1)
 
     @field_validator("strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs", "seed",
                      mode="before")
@@ -156,6 +169,8 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: SafeName
     description: str = ""
+    plugins: list[str] = Field(default_factory=list, description=".py files or modules that register components "
+                                                                 "(attacks, defenses, …) used by this sweep")
     experiment: str = Field("dme-sweeps", description="MLflow experiment")
     pool: str = "photos"
     pool_options: dict[str, Any] = Field(default_factory=dict)
@@ -169,6 +184,22 @@ class SweepSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     retries: int = Field(1, ge=0, description="times a failed trial is retried")
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    paper: PaperTable | None = Field(None, description="the paper's reported values for the table this sweep "
+                                                       "reproduces (dme report compares ours with them)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        """Plugins register names that the field validators below check: import them first."""
+        if isinstance(data, dict) and data.get("plugins"):
+            plugins = data["plugins"]
+            if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+                raise ValueError(f"plugins must be a list of .py paths or module names, got {plugins!r}")
+            try:
+                load_plugins(plugins)
+            except DmeError as e:
+                raise ValueError(str(e)) from None
+        return data
 
     @field_validator("pool")
     @classmethod
@@ -219,7 +250,8 @@ class SweepSpec(BaseModel):
         options = {name: {k: absolute(v) if k in paths(name) else v for k, v in opts.items()}
                    for name, opts in self.attack.strategy_options.items()}
         attack = self.attack.model_copy(update={"strategy_options": options})
-        return self.model_copy(update={"pool": absolute(self.pool), "attack": attack})
+        plugins = [absolute(p) if p.endswith(".py") else p for p in self.plugins]
+        return self.model_copy(update={"pool": absolute(self.pool), "attack": attack, "plugins": plugins})
 
     # ------------------------------------------------------------------ the grid
     def deployment_name(self, victim: str, policy: str) -> str:

@@ -6,9 +6,13 @@ accounting replica (budget = the trial's budget, only for its victim × policy d
 :class:`~distributed_me.serving.clients.HandleOracle`, never the victim's weights. The victim bundle is loaded here
 only as the benchmark's judge (test split and unmetered top-1 for fidelity), as in ``dme attack``.
 
-Every epoch is reported to Tune (ASHA stops on it) and to the trial's MLflow child run; the final report carries
-accuracy, fidelity, adversarial fidelity, queries and the time split, and the piracy model is logged as an artifact.
+Every epoch is reported to Tune (ASHA stops on it) and to the trial's MLflow child run; the final report carries the
+result schema (:data:`~distributed_me.extraction.METRIC_NAMES`), and the piracy model is logged as an artifact.
 A retried trial is a new attempt with a new key and a new child run; the failed attempt's run stays FAILED.
+
+Harness cost per trial is kept small: the driver validated the spec once, so a trial rebuilds it without validation
+(``model_construct`` of the validated dump); judge, pool and Serve handles are cached per worker process, and Tune
+reuses workers between trials; MLflow gets one batched call per epoch and one at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -23,62 +28,57 @@ from typing import Any
 
 import torch
 
-from ..extraction import AttackSpec, ExtractionResult, run_extraction
-from .spec import FACTORS, SweepSpec
+from ..data import load_pool
+from ..extraction import AttackSpec, Evaluator
+from ..extraction import run_extraction
+from ..plugins import load_plugins
+from ..runner import evaluator_for
+from ..victims import Victim, load_victim
+from .spec import FACTORS
 from .tracking import TrialRun, finished_trial, trial_key
 
 log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=4)
-def _judge(bundle: str):
+def _judge(bundle: str) -> tuple[Victim, Evaluator]:
     """Victim and evaluator, cached per worker process: consecutive trials on one worker share them."""
-    from ..runner import evaluator_for
-    from ..victims import load_bundle
-
-    victim = load_bundle(bundle)
+    victim = load_victim(bundle)
     return victim, evaluator_for(victim)
-
-
-@lru_cache(maxsize=16)
-def _utility(bundle: str, policy: str) -> float:
-    """The defender's side: accuracy of the labels the API returns under ``policy`` on the victim's test split."""
-    from ..defenses import parse_policy
-    from ..metrics import accuracy
-
-    victim, evaluator = _judge(bundle)
-    answer = parse_policy(policy)(victim.predict_probs(evaluator.images).numpy())
-    return accuracy(answer.labels, evaluator.labels.numpy())
 
 
 @lru_cache(maxsize=2)
 def _pool(name: str, options: tuple):
-    from ..data import load_pool
-
     return load_pool(name, **dict(options))
 
 
-def attack_spec(spec: SweepSpec, f: dict[str, Any]) -> AttackSpec:
-    return AttackSpec(strategy=f["strategy"], strategy_options=spec.attack.strategy_options.get(f["strategy"], {}),
-                      budget=int(f["budget"]), arch=f["arch"], pretrained=f["pretrained"], optimizer=f["optimizer"],
-                      lr=f["lr"], epochs=int(f["epochs"]), batch_size=spec.attack.batch_size,
-                      augment=bool(f["augment"]), seed=int(f["seed"]), adv_eval_samples=spec.adv_eval_samples)
+@lru_cache(maxsize=8)
+def _handles(app_name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle("Accountant", app_name)
 
 
-def final_metrics(r: ExtractionResult) -> dict[str, float]:
-    return {"victim_accuracy": r.victim_accuracy, "accuracy": r.accuracy, "fidelity": r.fidelity,
-            "adversarial_fidelity": r.adversarial_fidelity, "queries_used": float(r.queries_used),
-            **{f"seconds_{k}": v for k, v in r.seconds.items()}}
+def attack_spec(ctx: dict[str, Any], f: dict[str, Any]) -> AttackSpec:
+    """The trial's AttackSpec from its factors; anything the sweep did not set is AttackSpec's default."""
+    attack = ctx["spec"]["attack"]
+    return AttackSpec.from_given(
+        strategy=f["strategy"], strategy_options=attack["strategy_options"].get(f["strategy"], {}),
+        budget=int(f["budget"]), arch=f["arch"], pretrained=f["pretrained"], optimizer=f["optimizer"], lr=f["lr"],
+        epochs=int(f["epochs"]), batch_size=attack["batch_size"], augment=bool(f["augment"]), seed=int(f["seed"]),
+        adv_eval_samples=ctx["spec"]["adv_eval_samples"])
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable. ``config = {"factors": {...}, "ctx": {...}}`` (see :mod:`distributed_me.sweep.runner`)."""
-    from ray import serve, tune
+    from ray import tune
 
     from ..serving.clients import HandleOracle
 
+    t0 = time.perf_counter()
     ctx = config["ctx"]
-    spec = SweepSpec.model_validate(ctx["spec"])
+    spec = ctx["spec"]  # validated by the driver: not validated again per trial
+    load_plugins(spec.get("plugins", []))
     f = {k: config["factors"][k] for k in FACTORS}
     torch.set_num_threads(max(1, int(round(ctx["cpus_per_trial"]))))
     os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]
@@ -89,34 +89,39 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({**done.data.metrics, "epoch": int(f["epochs"]), "completed": True,
                      "mlflow_run_id": done.info.run_id, "reused": True})
         return
-    deployment = spec.deployment_name(f["victim"], f["policy"])
+    deployment = ctx["deployments"][f"{f['victim']}|{f['policy']}"]
 
     # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
     key = f"trial-{trial_id}-{uuid.uuid4().hex}"
-    accountant = serve.get_deployment_handle("Accountant", ctx["app_name"])
-    accountant.add_client.remote({"key": key, "budget": int(f["budget"]), "victims": [deployment]}).result()
+    _handles(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
+                                                 "victims": [deployment]}).result()
 
     name = (f"{f['strategy']}-{f['victim']}-{f['policy']}-b{f['budget']}-{f['arch']}-{f['optimizer']}"
             f"-lr{f['lr']}-s{f['seed']}")
-    with TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec.name, name, f,
+    with TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
                   {"dme.trial_id": trial_id, "dme.deployment": deployment}) as run:
         victim, evaluator = _judge(ctx["bundles"][f["victim"]])
-        pool = _pool(spec.pool, tuple(sorted(spec.pool_options.items())))
+        pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
         oracle = HandleOracle(deployment, key, ctx["app_name"])
+        harness_before = time.perf_counter() - t0
 
         def on_epoch(epoch: int, row: dict) -> None:
             metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
             run.metrics(metrics, step=epoch)
             tune.report({**metrics, "epoch": epoch, "completed": False})
 
-        result = run_extraction(oracle, pool, attack_spec(spec, f), evaluator, on_epoch=on_epoch,
-                                eval_every_epoch=spec.eval_every_epoch)
-        final = {**final_metrics(result), "victim_utility": _utility(ctx["bundles"][f["victim"]], f["policy"])}
-        run.metrics(final, step=int(f["epochs"]))
+        result = run_extraction(oracle, pool, attack_spec(ctx, f), evaluator, on_epoch=on_epoch,
+                                eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"])
+        t_after = time.perf_counter()
+        final = result.metrics()
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "piracy_model.pt"
             torch.save({"state_dict": result.model.state_dict(), "arch": f["arch"],  # type: ignore[union-attr]
                         "num_classes": len(victim.class_names), "input_shape": list(victim.input_shape)}, path)
             run.artifact(path)
+        # the harness's own time around the extraction: key, MLflow run, judge/pool (cached after the first
+        # trial on a worker), handles, the final logging and the artifact
+        final["seconds_harness"] = harness_before + time.perf_counter() - t_after
+        run.metrics(final, step=int(f["epochs"]))
     # after the run is closed: Tune may end the trial inside this call (`done` would too, hence `completed`)
     tune.report({**final, "epoch": int(f["epochs"]), "completed": True, "mlflow_run_id": run.run_id})

@@ -2,7 +2,8 @@
 
 from .bundle import Victim, VictimMeta, load_bundle, save_bundle
 from .embedded import EMBEDDED_VICTIM, embedded_victim
-from .store import cache_dir, register_victim, resolve_victim
+from .resolve import is_embedded, load_victim, victim_bundle_path
+from .store import cache_dir, register_victim
 from .train import train_victim, victim_test_split
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "embedded_victim",
     "load_bundle",
     "register_victim",
-    "resolve_victim",
+    "is_embedded",
+    "load_victim",
+    "victim_bundle_path",
     "save_bundle",
     "train_victim",
     "victim_test_split",

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import BundleError
 from ..tracking import tracking_uri
-from .bundle import META_FILE, Victim, load_bundle
+from .bundle import META_FILE, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,4 @@ def resolve_bundle_path(spec: str) -> Path:
     return found[0].parent
 
 
-def resolve_victim(spec: str) -> Victim:
-    """Load a victim from a bundle path, an MLflow model URI or a registered name (see :func:`resolve_bundle_path`)."""
-    return load_bundle(resolve_bundle_path(spec))
-
-
-__all__ = ["register_victim", "resolve_bundle_path", "resolve_victim", "cache_dir"]
+__all__ = ["register_victim", "resolve_bundle_path", "cache_dir"]

@@ -19,8 +19,8 @@ import json
 import numpy as np
 import torch
 
-from ..errors import DmeError
-from ..oracle import validate_batch
+from .errors import DmeError
+from .oracle import validate_batch
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
 JSON_TYPE = "application/json"
