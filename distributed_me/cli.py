@@ -151,11 +151,12 @@ SWEEP_COLUMNS = ["victim", "policy", "strategy", "budget", "arch", "optimizer", 
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep.spec import load_sweep
+    from .sweep.spec import load_sweep, parse_overrides
 
-    if args.resume and args.spec:
-        raise DmeError("give a sweep file or --resume NAME, not both")
-    spec = None if args.resume else load_sweep(args.spec or "sweeps/quickstart.yaml", args.preset)
+    if args.resume and (args.spec or args.set):
+        raise DmeError("give a sweep file (with --set overrides) or --resume NAME, not both")
+    spec = None if args.resume else load_sweep(args.spec or "sweeps/quickstart.yaml", args.preset,
+                                               parse_overrides(args.set))
     if args.dry_run:
         assert spec is not None
         grid = spec.grid()
@@ -325,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="run a sweep of attack trials on Ray Tune against victims on Ray Serve")
     sw.add_argument("spec", nargs="?", help="sweep YAML (default sweeps/quickstart.yaml)")
     sw.add_argument("--preset", help="apply one of the sweep's presets (e.g. cpu-small, full)")
+    sw.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="override a field after the preset, dotted, value as JSON, e.g. --set "
+                         "resources.trial_resources='{\"trials\": 0.01}' (repeatable)")
     sw.add_argument("--resume", metavar="NAME", help="resume sweep NAME: finished trials are not run again")
     sw.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one)")
     sw.add_argument("--num-cpus", type=int, help="CPUs of a private cluster (default: all)")

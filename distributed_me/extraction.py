@@ -40,6 +40,11 @@ SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "accuracy",
 TIME_NAMES: tuple[str, ...] = tuple(f"seconds_{p}" for p in (*PHASES, "total"))
 METRIC_NAMES: tuple[str, ...] = SCORE_NAMES + TIME_NAMES
 
+#: what a trial of a sweep varies (a sweep's grid axes; MLflow params of a trial run): the victim and its output
+#: policy, then the attacker's choices, each an :class:`AttackSpec` field
+FACTORS: tuple[str, ...] = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained",
+                            "augment", "epochs", "seed")
+
 
 class AttackSpec(BaseModel):
     """The attacker's choices for one extraction, validated before anything runs. The defaults here are the only

@@ -50,13 +50,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .extraction import METRIC_NAMES
+from .extraction import FACTORS, METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
-# TODO lead: import from sweep.spec (FACTORS) once parity can do so without importing the sweep package
-FACTORS: tuple[str, ...] = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained",
-                            "augment", "epochs", "seed")
 
 Unit = Literal["fraction", "percent", "seconds", "count"]
 #: how many of the unit make one of our native unit (fractions for scores, seconds for times, a count for queries)
@@ -152,7 +149,7 @@ class PaperCell(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _unit_fits_metric(self) -> "PaperCell":
+    def _unit_fits_metric(self) -> PaperCell:
         allowed = units_for(self.metric)
         if self.unit not in allowed:
             raise ValueError(f"unit {self.unit!r} does not fit metric {self.metric!r}; allowed: {', '.join(allowed)}")
@@ -203,7 +200,7 @@ class PaperTable(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PaperTable":
+    def _consistent(self) -> PaperTable:
         seen: dict[tuple, int] = {}
         for i, c in enumerate(self.cells):
             key = (c.metric, tuple(sorted((k, _norm(v)) for k, v in c.where.items())))

@@ -26,7 +26,7 @@ class Registry(Generic[T]):
         """Decorator: ``@REGISTRY.register("name")`` (defaults to the entry's ``__name__``)."""
 
         def deco(entry: T) -> T:
-            key = name or getattr(entry, "__name__")
+            key = name or entry.__name__
             if key in self._entries:
                 raise ValueError(f"duplicate {self.kind} name {key!r}: already registered by {self._entries[key]!r}")
             self._entries[key] = entry

@@ -1,4 +1,5 @@
-"""`dme attack` in process: resolve victim and pool, put the victim behind a :class:`LocalOracle`, run, log to MLflow."""
+"""`dme attack` in process: resolve victim and pool, put the victim behind a :class:`LocalOracle`, run, log to
+MLflow."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from .data import load_pool
 from .data.base import Pool
 from .errors import DmeError
 from .extraction import AttackSpec, Evaluator, ExtractionResult, run_extraction
-from .oracle import LocalOracle
 from .http_oracle import HttpOracle
+from .oracle import LocalOracle
 from .victims import Victim, load_victim, victim_test_split
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,13 @@ import numpy as np
 import torch
 
 from distributed_me.attacks import QueryStrategy
-from distributed_me.attacks.reference import (ReferenceSpec, get_reference_set, pool_features, read_features,
-                                              write_features)
+from distributed_me.attacks.reference import (
+    ReferenceSpec,
+    get_reference_set,
+    pool_features,
+    read_features,
+    write_features,
+)
 from distributed_me.attacks.selection import PAPER_K_PER_ITER, swifttheft_select
 from distributed_me.data import load_pool
 from distributed_me.data.base import adapt_images, to_tensor

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from helpers import free_port, wait_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -42,3 +47,36 @@ class LinearVictim:
 @pytest.fixture
 def linear_victim() -> LinearVictim:
     return LinearVictim()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (one per session: tests tell their runs apart by sweep name)."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "w"))
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return httpx.get(f"{uri}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None and pytest.fail((d / "server.log").read_text()[-3000:])
+
+    wait_for(healthy, 120, "mlflow server")
+    yield uri
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture
+def sweep_env(mlflow_server, tmp_path, monkeypatch):
+    """Sweeps record to the session's mlflow server and keep their state in this test's folder."""
+    home = Path(os.environ["DME_HOME"])  # the session's home: the embedded victim is trained once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("DME_SWEEP_DIR", str(tmp_path / "sweeps"))
+    return {"home": home, "uri": mlflow_server, "dir": tmp_path}

@@ -17,8 +17,8 @@ from distributed_me.data.base import Normalization
 from distributed_me.errors import DmeError
 from distributed_me.models import NormalizedModel, create_model
 from distributed_me.oracle import LocalOracle, RecordingOracle
-from distributed_me.victims import load_victim
 from distributed_me.train import TrainConfig
+from distributed_me.victims import load_victim
 
 STRATEGIES = ["activethief-kcenter", "activethief-uncertainty", "activethief-dfal"]
 

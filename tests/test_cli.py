@@ -21,9 +21,36 @@ def test_attack_json_on_embedded_default(capsys):
                        "--arch", "tiny_cnn")
     assert code == 0
     r = json.loads(out)
-    for key in ("victim_accuracy", "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds"):
-        assert key in r
-    assert r["queries_used"] == 200
+    from distributed_me.extraction import METRIC_NAMES
+
+    assert set(METRIC_NAMES) <= set(r)  # the one result schema, every phase timed (setup included)
+    assert r["queries_used"] == 200 and r["budget"] == 200 and r["seconds_setup"] > 0
+    assert r["victim_utility"] == pytest.approx(r["victim_accuracy"])  # full probabilities: the API's top-1
+    assert r["spec"]["arch"] == "tiny_cnn" and r["spec"]["epochs"] == 2 and r["spec"]["optimizer"] == "adam"
+
+
+def test_unset_attack_flags_fall_back_to_attackspec_defaults(monkeypatch):
+    """Flags the user did not give are dropped, so AttackSpec's defaults (a real piracy model, not the test one)
+    apply; given flags win."""
+    from distributed_me import cli
+    from distributed_me.extraction import AttackSpec
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(spec, **kw):
+        seen["spec"] = spec
+        raise Stop
+
+    monkeypatch.setattr("distributed_me.runner.attack_in_process", record)
+    with pytest.raises(Stop):
+        cli.main(["attack", "--budget", "123", "--no-mlflow"])
+    spec = seen["spec"]
+    assert spec.budget == 123
+    assert spec.model_dump(exclude={"budget"}) == AttackSpec().model_dump(exclude={"budget"})
+    assert AttackSpec().arch == "cnn32"
 
 
 @pytest.mark.parametrize("argv,needle", [

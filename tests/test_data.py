@@ -11,7 +11,6 @@ import os
 import pickle
 import socket
 import time
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,13 @@ from distributed_me.data import (
     ArrayPool,
     LabeledDataset,
     default_root,
+    embedded,
+    imagenet64,
     load_dataset,
     load_image_folder,
     load_pool,
+    npz,
 )
-from distributed_me.data import embedded, imagenet64, npz
 from distributed_me.errors import DataNotFound, DmeError, UnknownNameError
 
 SHARED = Path("/work/shared/data")

@@ -56,7 +56,8 @@ def test_random_extraction_end_to_end_and_fidelity_grows_with_budget(victim, eva
     assert large.fidelity > 0.35  # measured 0.45; chance is ~0.1 on ten balanced classes
     assert large.fidelity > small.fidelity + 0.1  # measured 0.23 -> 0.45
     assert 0 <= large.adversarial_fidelity <= 1
-    assert set(large.seconds) == {"selection", "query", "train", "eval", "total"}
+    assert set(large.seconds) == {"setup", "selection", "query", "train", "eval", "total"}
+    assert large.seconds["setup"] > 0 and large.victim_utility == pytest.approx(large.victim_accuracy)
     assert len(large.history) == 20
 
 
@@ -93,30 +94,26 @@ def test_unknown_strategy_option_names_the_options():
 
 
 # small options so every strategy runs its real loop (several rounds) on a tiny pool in seconds
-SMALL_OPTIONS = {
-    "swifttheft": {"n_seed": 10, "k_per_iter": 10, "n_reference": 2, "reference_arch": "tiny_cnn",
-                   "reference_epochs": 1, "reference_size": 16},
-    "activethief-kcenter": {"n_seed": 10, "per_round": 10},
-    "activethief-uncertainty": {"n_seed": 10, "per_round": 10},
-    "activethief-dfal": {"n_seed": 10, "per_round": 10, "dfal_candidates": 60, "dfal_max_iter": 5},
-    "knockoff": {"batch_per_step": 5},
-}
-
-
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_every_registered_strategy_keeps_the_budget_contract(victim, evaluator, name):
     """Over the whole registry: at most the budget, no sample twice, and exactly the selected pool samples are sent
     (the images the oracle saw are the pool images at the indices the strategy reports, in order)."""
-    from distributed_me.attacks import Timer, Workbench
+    from distributed_me.attacks import PrepareContext, Timer, Workbench
+    from distributed_me.models import create_model
     from distributed_me.oracle import RecordingOracle
     from distributed_me.train import TrainConfig
-    from distributed_me.models import create_model
 
     rng = np.random.default_rng(3)
     pool = ArrayPool(rng.integers(0, 256, (300, 16, 16, 1), dtype=np.uint8), name="noise",
                      labels=rng.integers(0, 5, 300))
     oracle = RecordingOracle(LocalOracle(victim, "probabilities", budget=45))
-    strategy = QueryStrategy.create(name, SMALL_OPTIONS.get(name, {}))
+    strategy = QueryStrategy.create(name, ATTACKS.get(name).smoke_options)
+    # the whole lifecycle: check (cheap), prepare (when declared; in process here), extract with its products
+    strategy.check(oracle, pool, 37)
+    if strategy.prepares():
+        products = strategy.prepare(pool, PrepareContext())
+        strategy = QueryStrategy.create(name, {**ATTACKS.get(name).smoke_options, **products})
+    assert oracle.queries_used == 0  # neither check nor prepare may query
     bench = Workbench(lambda: create_model("tiny_cnn", 10, in_chans=1, img_size=16), TrainConfig(epochs=1),
                       victim.input_shape, Timer(), seed=0)
     out = strategy.extract(oracle, pool, 37, bench)
@@ -130,3 +127,23 @@ def test_evaluator_counts_nothing_against_budget(victim):
     x = torch.rand(5, *victim.input_shape)
     ev = Evaluator(victim.predict_labels, x, torch.zeros(5, dtype=torch.long))
     assert ev.victim_pred.shape == (5,)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_registered_strategy_checks_without_training(victim, name, monkeypatch):
+    """``check`` stays cheap for every strategy: it refuses what it must and never trains a model."""
+    import distributed_me.train.trainer as trainer
+
+    def no_training(*a, **k):
+        raise AssertionError(f"{name}.check trained a model")
+
+    monkeypatch.setattr(trainer, "fit", no_training)
+    for module in ("distributed_me.attacks.base", "distributed_me.attacks.reference"):
+        monkeypatch.setattr(f"{module}.fit", no_training, raising=False)
+    rng = np.random.default_rng(3)
+    pool = ArrayPool(rng.integers(0, 256, (50, 16, 16, 1), dtype=np.uint8), name="noise",
+                     labels=rng.integers(0, 5, 50))
+    strategy = QueryStrategy.create(name, ATTACKS.get(name).smoke_options)
+    strategy.check(LocalOracle(victim, "probabilities", budget=45), pool, 20)
+    with pytest.raises(DmeError, match="larger than the pool"):
+        strategy.check(LocalOracle(victim, "probabilities"), pool, 51)

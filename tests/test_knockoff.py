@@ -17,9 +17,8 @@ from distributed_me.extraction import AttackSpec, run_extraction
 from distributed_me.models import NormalizedModel, create_model
 from distributed_me.oracle import LocalOracle, RecordingOracle
 from distributed_me.runner import evaluator_for
-from distributed_me.victims import load_victim
 from distributed_me.train import TrainConfig
-
+from distributed_me.victims import load_victim
 
 # ------------------------------------------------------------------------------------------------ bandit math --------
 

@@ -116,9 +116,9 @@ def test_listing_is_public_metadata_only(http):
 def test_http_handle_and_in_process_give_identical_answers_and_fidelity(service, victim):
     from distributed_me.data import load_pool
     from distributed_me.extraction import AttackSpec, run_extraction
+    from distributed_me.http_oracle import HttpOracle
     from distributed_me.oracle import LocalOracle
     from distributed_me.runner import evaluator_for
-    from distributed_me.http_oracle import HttpOracle
     from distributed_me.serving.clients import HandleOracle
 
     oracles = {

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distributed_me.errors import DmeError
-from distributed_me.wire import WireError, decode_body, encode_npy, input_hash, validate_images
 from distributed_me.serving.ledger import JOURNAL, Ledger, key_fingerprint, read_query_log
 from distributed_me.serving.spec import Client, load_serve_config, parse_serve_spec
+from distributed_me.wire import WireError, decode_body, encode_npy, input_hash, validate_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,68 +9,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
+from helpers import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.mlflow_server]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(cond, timeout: float, what: str):
-    t0 = time.monotonic()
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return httpx.get(f"{uri}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None and pytest.fail((d / "server.log").read_text()[-3000:])
-
-    _wait(healthy, 120, "mlflow server")
-    yield uri
-    proc.terminate()
-    proc.wait(30)
-
-
-@pytest.fixture
-def sweep_env(mlflow_server, tmp_path, monkeypatch):
-    home = Path(os.environ["DME_HOME"])  # the session's home: the embedded victim is trained once
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("DME_SWEEP_DIR", str(tmp_path / "sweeps"))
-    return {"home": home, "uri": mlflow_server, "dir": tmp_path}
 
 
 def _doc(name: str, **over) -> dict:
@@ -210,7 +163,7 @@ def test_resume_after_the_driver_is_killed_reruns_no_finished_trial(sweep_env):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = _dme(["sweep", str(spec), "--num-cpus", "2", "-q"], env)
     try:
-        done_before = _wait(lambda: [t for t in _runs(sweep_env["uri"], "resume") if t.info.status == "FINISHED"],
+        done_before = wait_for(lambda: [t for t in _runs(sweep_env["uri"], "resume") if t.info.status == "FINISHED"],
                             300, "a first finished trial")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and its private Ray cluster die together
@@ -232,7 +185,7 @@ def test_resume_after_the_driver_is_killed_reruns_no_finished_trial(sweep_env):
 def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(_doc("job", attack={"optimizer": "adam"}, policies=["probabilities"])))
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
@@ -240,9 +193,9 @@ def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
                             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard",
                             "true", "--disable-usage-stats",
                             # fixed defaults (52365, ...) would collide with any other Ray cluster on this machine
-                            "--dashboard-agent-listen-port", str(_free_port()),
-                            "--dashboard-agent-grpc-port", str(_free_port()),
-                            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())],
+                            "--dashboard-agent-listen-port", str(free_port()),
+                            "--dashboard-agent-grpc-port", str(free_port()),
+                            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
     try:
@@ -281,12 +234,12 @@ def _stop_cluster(port: int) -> None:
 
 
 def test_dme_ui_serves_the_store_on_loopback(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DME_HOME": str(tmp_path)}
     proc = subprocess.Popen([str(BIN / "dme"), "ui", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait(lambda: _get(f"http://127.0.0.1:{port}/health"), 120, "dme ui")
+        wait_for(lambda: _get(f"http://127.0.0.1:{port}/health"), 120, "dme ui")
         assert shutil.which("ss") is None or f"127.0.0.1:{port}" in subprocess.run(
             ["ss", "-ltn"], capture_output=True, text=True).stdout
     finally:
@@ -332,11 +285,44 @@ def test_pool_strategies_in_a_sweep_over_a_parquet_pool(sweep_env):
     assert all(r["queries_used"] == 40 and r["completed"] for r in out.rows)
 
     (parent,) = _runs(sweep_env["uri"], "pools", "sweep")
-    key = parent.data.tags["dme.swifttheft.reference_key"]
-    assert parent.data.metrics["swifttheft_feature_pass_images_per_s"] > 0
+    key = parent.data.tags["dme.prepare.swifttheft.reference_key"]
+    assert parent.data.metrics["prepare.swifttheft.feature_pass_images_per_s"] > 0
+    features = parent.data.tags["dme.prepare.swifttheft.features"]  # what every SwiftTheft trial was given
     c = MlflowClient(sweep_env["uri"])
     refs = c.search_runs([c.get_experiment_by_name("dme-references").experiment_id],
                          f"tags.`dme.reference_key` = '{key}'")
     assert len(refs) == 1 and [a.path for a in c.list_artifacts(refs[0].info.run_id)] == ["reference.pt"]
     (st,) = [r for r in out.rows if r["strategy"] == "swifttheft"]
     assert st["seconds_setup"] < st["seconds_train"] + 5  # features read from the sweep's pass, not recomputed
+    assert Path(features).is_file()
+
+
+def test_a_plugin_strategy_with_a_preparation_step_runs_in_a_sweep(sweep_env, tmp_path):
+    """The lifecycle: a strategy the package has never heard of (a plugin file) declares ``prepare``; the sweep runs
+    it once, before the trials, through Ray Data, and every trial reads its product (the toy refuses to run
+    unprepared). No sweep code names it."""
+    from mlflow import MlflowClient
+
+    from distributed_me.data import load_pool
+    from distributed_me.data.features import read_features
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    plugin = str(ROOT / "tests" / "plugins" / "toy_prepared.py")
+    marker = tmp_path / "marker"
+    doc = _doc("lifecycle", plugins=[plugin], policies=["probabilities"],
+               attack={"strategy": "toy-prepared", "strategy_options": {"toy-prepared": {"marker_dir": str(marker)}},
+                       "optimizer": ["adam", "sgd"]})
+    try:
+        out = run_sweep(parse_sweep(doc), num_cpus=2)
+    finally:
+        _shutdown_ray()
+    assert out.errors == [] and len(out.rows) == 2 and all(r["completed"] for r in out.rows)
+    assert len([p for p in marker.iterdir() if p.name.startswith("prepare-")]) == 1  # once, not once per trial
+    pool = load_pool("photos", n=2000)
+    feats = read_features(marker / "brightness.parquet", pool)
+    np.testing.assert_allclose(feats[:, 0], pool.get(np.arange(len(pool))).reshape(len(pool), -1).mean(1), rtol=1e-5)
+    parent = MlflowClient(sweep_env["uri"]).get_run(out.parent_run_id).data
+    assert parent.metrics["prepare.toy-prepared.images"] == 2000 and parent.metrics["prepare.toy-prepared.seconds"] > 0
+    assert parent.tags["dme.prepare.toy-prepared.features"] == str(marker / "brightness.parquet")
+    assert all(r["seconds_setup"] > 0 and r["queries_used"] == 60 for r in out.rows)

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import yaml
 
 from distributed_me.attacks import ATTACKS, QueryStrategy
 from distributed_me.cli import main
@@ -125,3 +126,42 @@ def test_shipped_sweeps_validate_with_their_cpu_presets(path, monkeypatch):
         if preset.startswith("cpu-small") and not (ROOT.parent / "shared" / "data").is_dir():
             continue
         assert load_sweep(path, preset).grid()
+
+
+def test_set_overrides_apply_after_the_preset_and_name_bad_input():
+    from distributed_me.sweep.spec import load_sweep, parse_overrides
+
+    over = parse_overrides(['resources.trial_resources={"trials": 0.01}', "attack.seed=[0, 1]", "name=q2"])
+    spec = load_sweep(ROOT / "sweeps" / "quickstart.yaml", "smoke", over)
+    assert spec.name == "q2" and spec.attack.seed == [0, 1] and spec.resources.trial_resources == {"trials": 0.01}
+    assert spec.attack.epochs == [2]  # the preset still applies
+    with pytest.raises(DmeError, match="DOTTED.FIELD=VALUE"):
+        parse_overrides(["resources.max_concurrent_trials"])
+    with pytest.raises(DmeError, match="max_concurrent_trials"):
+        load_sweep(ROOT / "sweeps" / "quickstart.yaml", None, parse_overrides(["resources.max_concurrent_trials=0"]))
+
+
+def test_kuberay_rayjob_runs_a_valid_sweep_whose_placement_the_cluster_can_satisfy():
+    """deployments/kuberay-rayjob.yaml: its entrypoint is a `dme sweep` command line that parses and validates here,
+    and every custom resource the sweep asks for (Serve app, trials) is declared by one of its worker groups."""
+    import json
+    import shlex
+
+    from distributed_me.cli import build_parser
+    from distributed_me.sweep.spec import load_sweep, parse_overrides
+
+    job = yaml.safe_load((ROOT / "deployments" / "kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["dme", "sweep"]
+    args = build_parser().parse_args(argv[1:])
+    spec = load_sweep(ROOT / args.spec, args.preset, parse_overrides(args.set))
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"].startswith("http") and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"
+    declared: dict[str, float] = {}
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        raw = group["rayStartParams"].get("resources")
+        for k, v in (json.loads(json.loads(raw)) if raw else {}).items():
+            declared[k] = declared.get(k, 0) + v * group["replicas"]
+    wanted = {**spec.resources.serve_resources, **spec.resources.trial_resources}
+    assert wanted and set(wanted) <= set(declared), (wanted, declared)

@@ -24,8 +24,8 @@ from distributed_me.data import ArrayPool
 from distributed_me.errors import DmeError
 from distributed_me.models import create_model
 from distributed_me.oracle import LocalOracle, RecordingOracle
-from distributed_me.victims import load_victim
 from distributed_me.train import TrainConfig
+from distributed_me.victims import load_victim
 
 SMALL = {"n_seed": 12, "k_per_iter": 9, "n_reference": 2, "reference_arch": "tiny_cnn", "reference_epochs": 1,
          "reference_size": 16}

@@ -7,7 +7,7 @@ import torch
 
 from distributed_me.errors import BundleError
 from distributed_me.train import TrainConfig
-from distributed_me.victims import load_bundle, register_victim, load_victim, train_victim
+from distributed_me.victims import load_bundle, load_victim, register_victim, train_victim
 
 
 @pytest.fixture(scope="module")

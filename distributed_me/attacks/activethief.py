@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -195,6 +195,7 @@ class _ActiveThief(QueryStrategy):
     infer_batch_size: int = Field(512, ge=1, description="pool batch size for substitute inference")
 
     accepts: ClassVar[tuple[str, ...]] = ("probabilities", "topk", "label")
+    smoke_options: ClassVar[dict[str, Any]] = {"n_seed": 10, "per_round": 10}
 
     def acquire(self, model: nn.Module, pool: Pool, bench: Workbench, queried: np.ndarray, unqueried: np.ndarray,
                 k: int, rng: np.random.Generator) -> np.ndarray:
@@ -280,6 +281,8 @@ class ActiveThiefDFAL(_ActiveThief):
     """
 
     name = "activethief-dfal"
+    smoke_options: ClassVar[dict[str, Any]] = {"n_seed": 10, "per_round": 10, "dfal_candidates": 60,
+                                               "dfal_max_iter": 5}
     dfal_candidates: int | None = Field(5000, ge=1, description="random unqueried samples DeepFool runs on per round")
     dfal_max_iter: int = Field(50, ge=1)
     dfal_overshoot: float = Field(0.02, ge=0)

@@ -57,12 +57,13 @@ PHASES: tuple[str, ...] = ("setup", "selection", "query", "train", "eval")
 
 
 class Timer:
-    """Accumulates wall time per phase; every phase of :data:`PHASES` is present, zero when unused."""
+    """Accumulates wall time per phase; every phase of ``phases`` (default :data:`PHASES`) is present, zero when
+    unused, and others are added as they are timed."""
 
     PHASES = PHASES
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {p: 0.0 for p in self.PHASES}
+    def __init__(self, phases: tuple[str, ...] = PHASES) -> None:
+        self.seconds: dict[str, float] = {p: 0.0 for p in phases}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -171,6 +172,10 @@ class QueryStrategy(BaseModel):
     accepts: ClassVar[tuple[str, ...]] = ("probabilities", "topk", "label")
     #: options that may hold a file path: a sweep makes relative ones absolute before trials, which run elsewhere
     path_options: ClassVar[tuple[str, ...]] = ()
+    #: options that make the strategy run in about a second on tiny data (a few hundred 16 px images, a budget of
+    #: tens): the registry-wide contract tests run every registered strategy with them, so a new strategy is tested
+    #: by those tests as soon as it is registered
+    smoke_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":

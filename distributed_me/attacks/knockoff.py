@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -223,6 +223,7 @@ class KnockoffAdaptive(QueryStrategy):
 
     name: ClassVar[str] = "knockoff"
     accepts: ClassVar[tuple[str, ...]] = ("probabilities", "topk", "label")
+    smoke_options: ClassVar[dict[str, Any]] = {"batch_per_step": 5}
 
     arms: Literal["auto", "labels", "clusters"] = "auto"
     n_clusters: int = Field(32, ge=1, description="k-means clusters used as arms when the pool has no labels")

@@ -188,9 +188,9 @@ def swifttheft_select(
     500 samples in each iteration" (§IV.2), and Table 3 reports SwiftTheft's per-iteration time at 1000, 1500,
     ..., 10000 selected samples (a first iteration 500 -> 1000, then +500 per iteration).
 
-    Cost per iteration: O(N * D) for the scores plus O(K * D) for the re-estimation (a running update); partial selection is
-    O(N) (``argpartition``), plus O(K log K) to order the picks. Memory: a few N-vectors and row chunks of at
-    most ``_CHUNK_ELEMS`` float64 (or ``chunk_rows`` rows); never an N x N matrix.
+    Cost per iteration: O(N * D) for the scores plus O(K * D) for the re-estimation (a running update); partial
+    selection is O(N) (``argpartition``), plus O(K log K) to order the picks. Memory: a few N-vectors and row chunks
+    of at most ``_CHUNK_ELEMS`` float64 (or ``chunk_rows`` rows); never an N x N matrix.
 
     ``rng`` is required (a ``np.random.Generator`` or an int seed); it has a default only because it follows
     defaulted arguments. Returns ``budget`` distinct int64 indices in selection order: seeds first, then each

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 class SwiftTheft(QueryStrategy):
     name = "swifttheft"
     path_options = ("features", "reference_data")
+    smoke_options = {"n_seed": 10, "k_per_iter": 10, "n_reference": 2, "reference_arch": "tiny_cnn",
+                     "reference_epochs": 1, "reference_size": 16}
 
     n_seed: int = Field(PAPER_N_SEED, ge=1, description="|S_0|, random seed samples (count toward the budget)")
     k_per_iter: int = Field(PAPER_K_PER_ITER, ge=1, description="K, least-likely samples added per iteration")

@@ -34,8 +34,9 @@ import math
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -189,14 +190,15 @@ def bench_selection_scaling(quick: bool) -> tuple[list[dict], dict, dict]:
         x = x_all[:n]  # a C-contiguous view: no copy
         seeds = np.random.default_rng(0).choice(n, size=N_SEED, replace=False)  # == SwiftTheft's seeds for rng=0
         for budget in BUDGETS:
-            def swift() -> np.ndarray:
+            def swift(x: np.ndarray = x, budget: int = budget) -> np.ndarray:
                 return swifttheft_select(x, budget, k_per_iter=K_PER_ITER, n_seed=N_SEED, rng=0)
 
             t_swift, picked = _best_of(swift)
             assert len(np.unique(picked)) == budget and np.array_equal(np.sort(picked[:N_SEED]), np.sort(seeds))
             swift_mb = _traced_extra_mb(swift)
             kc = time_kcenter(x, seeds, budget - N_SEED, cap)
-            kc_mb = _traced_extra_mb(lambda: kcenter_greedy(x, seeds, 2))  # init + one update: the peak
+            # init + one update: the peak
+            kc_mb = _traced_extra_mb(lambda x=x, seeds=seeds: kcenter_greedy(x, seeds, 2))
             row = {
                 "N": n, "budget": budget, "feat_mb": x.nbytes / 1e6,
                 "swift_s": t_swift, "swift_s_per_Mrow": t_swift / (n / 1e6), "swift_extra_mb": swift_mb,
@@ -218,7 +220,7 @@ def bench_selection_scaling(quick: bool) -> tuple[list[dict], dict, dict]:
         sub = [r for r in rows if r["budget"] == budget]
         ns = [r["N"] for r in sub]
         sp = [r["swift_s_per_Mrow"] for r in sub]
-        slopes.append({"method": "swifttheft", "budget": budget,
+        slopes.append({"method": "least_likely", "budget": budget,
                        "loglog_slope": loglog_slope(ns, [r["swift_s"] for r in sub]),
                        "s_per_Mrow_min": min(sp), "s_per_Mrow_max": max(sp), "max_over_min": max(sp) / min(sp)})
         slopes[-1]["loglog_slope_N>=50k"] = loglog_slope(ns[1:], [r["swift_s"] for r in sub[1:]])
@@ -229,7 +231,7 @@ def bench_selection_scaling(quick: bool) -> tuple[list[dict], dict, dict]:
                        "s_per_Mrow_min": min(kp), "s_per_Mrow_max": max(kp), "max_over_min": max(kp) / min(kp)})
 
     cell = next(r for r in rows if (r["N"], r["budget"]) == GOAL_CELL)
-    sw_slopes = [s["loglog_slope"] for s in slopes if s["method"] == "swifttheft"]
+    sw_slopes = [s["loglog_slope"] for s in slopes if s["method"] == "least_likely"]
     big = [r for r in rows if r["N"] >= 200_000]
     mem_ratio = max(r["swift_extra_B_per_row"] for r in big) / min(r["swift_extra_B_per_row"] for r in big)
     goals = {
@@ -324,7 +326,8 @@ def bench_selection(args: argparse.Namespace) -> dict:
     print("note: this machine has 2 cores, so Ray Data cannot beat a 2-thread loop here (its time also includes "
           "actor start-up); the point of the Ray pass is that it streams shard by shard and scales out on a cluster. "
           "The reference models are trained 1 epoch only: their quality is irrelevant to throughput.")
-    goals["features_equal"] = {"goal": "Ray Data features == 2-thread loop features up to float32 summation order (atol=rtol=1e-4)",
+    goals["features_equal"] = {"goal": "Ray Data features == 2-thread loop features up to float32 summation order "
+                                       "(atol=rtol=1e-4)",
                                "value": feat["max_abs_diff"], "pass": feat["equal"]}
     goals["features_equal_same_threads"] = {
         "goal": f"Ray Data features == a 1-thread loop (as in the actors) on the first {feat['same_threads_rows']} "
@@ -348,19 +351,19 @@ def _plot(rows: list[dict], path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"swifttheft": "tab:blue", "kcenter": "tab:red"}
+    colors = {"least_likely": "tab:blue", "kcenter": "tab:red"}
     styles = {BUDGETS[0]: "-", BUDGETS[1]: "--"}
     for budget in BUDGETS:
         sub = [r for r in rows if r["budget"] == budget]
         ns = [r["N"] for r in sub]
-        a.plot(ns, [r["swift_s"] for r in sub], styles[budget], marker="o", color=colors["swifttheft"],
+        a.plot(ns, [r["swift_s"] for r in sub], styles[budget], marker="o", color=colors["least_likely"],
                label=f"SwiftTheft, budget {budget}")
         a.plot(ns, [r["kc_s"] for r in sub], styles[budget], color=colors["kcenter"],
                label=f"k-center greedy, budget {budget}")
         for r in sub:  # hollow marker = extrapolated from the first picks
             a.plot(r["N"], r["kc_s"], "s", color=colors["kcenter"],
                    markerfacecolor="none" if r["kc_extrapolated"] else colors["kcenter"])
-        b.plot(ns, [r["swift_extra_mb"] for r in sub], styles[budget], marker="o", color=colors["swifttheft"],
+        b.plot(ns, [r["swift_extra_mb"] for r in sub], styles[budget], marker="o", color=colors["least_likely"],
                label=f"SwiftTheft, budget {budget}")
         b.plot(ns, [r["kc_extra_mb"] for r in sub], styles[budget], marker="s", color=colors["kcenter"],
                label=f"k-center, budget {budget}")

@@ -133,10 +133,10 @@ def _spec(source: str, query_log: str) -> dict:
 def bench_serve(args: argparse.Namespace) -> dict:
     from ray import serve
 
-    from ..victims import load_victim
     from ..http_oracle import HttpOracle
     from ..serving.clients import HandleOracle
     from ..serving.runtime import deploy, init_ray, shutdown
+    from ..victims import load_victim
 
     quick = getattr(args, "quick", False)
     source = getattr(args, "victim", None) or "embedded"
@@ -213,7 +213,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
           f"{'met' if best_b >= 0.7 else 'NOT met'}; (a) drifted {a1:.0f} -> {a1_after:.0f} img/s during the run")
     plot = _plot(rows, a1, Path(args.out) / "serve.png")
     return {"victim": source, "batch": BATCH, "direct_img_s_1_thread": a1, "direct_img_s_1_thread_after": a1_after,
-            "direct_img_s_default_threads": an, "default_threads": default_threads, "serve_startup_seconds": startup, "cell_seconds": seconds,
+            "direct_img_s_default_threads": an, "default_threads": default_threads, "serve_startup_seconds": startup,
+            "cell_seconds": seconds,
             "cell_max_requests": max_requests, "rows": rows, "breakdown_ms": breakdown,
             "goal": {"target": 0.7, "best_b_ratio": best_b, "met": best_b >= 0.7},
             "peak_rss_mb": peak_rss_mb(), "plot": str(plot)}

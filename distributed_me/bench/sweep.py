@@ -64,10 +64,10 @@ def _loop(spec, threads: int) -> tuple[float, list[float]]:
 
 @BENCHES.register("sweep")
 def bench_sweep(args: argparse.Namespace) -> dict:
-    from ..victims import load_victim
     from ..serving.runtime import init_ray, shutdown
     from ..sweep.runner import run_sweep
     from ..sweep.spec import parse_sweep
+    from ..victims import load_victim
 
     quick = getattr(args, "quick", False)
     epochs = args.epochs or (2 if quick else 10)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataNotFound
+from ..errors import DataNotFound, DmeError
 from . import embedded, folder, imagenet64, npz, torchvision_sets  # noqa: F401  (import = registration)
 from .base import (
     IMAGENET_MEAN,
@@ -28,9 +28,9 @@ from .base import (
 from .embedded import EMBEDDED_DATASET, EMBEDDED_POOL
 from .folder import ImageFolderPool, is_image_folder, load_image_folder
 from .imagenet64 import ImageNet64Pool, find_batch_files, is_imagenet64_dir
-from .npz import JpegNpzPool, load_npz_dataset, open_npz_pool
+from .npz import JpegNpzPool, load_npz_dataset, load_npz_split, npz_keys
 from .parquet import ParquetPool, is_parquet_pool, write_pool_shards
-from .registry import DATASETS, POOLS, default_root, normalization_from, stratified_split, unknown_spec
+from .registry import DATASETS, POOLS, default_root, log_loaded, normalization_from, stratified_split, unknown_spec
 
 __all__ = [
     "ArrayPool",
@@ -108,6 +108,23 @@ def load_dataset(
     if _looks_like_path(spec):
         raise _missing_path(spec, path)
     raise unknown_spec("dataset", spec, DATASETS.names(), _DATASET_PATHS)
+
+
+def open_npz_pool(path: str | Path, name: str | None = None) -> Pool:
+    """A pool from any supported ``.npz``: JPEG-bytes pool, labeled uint8 arrays (used unlabeled), or an ImageNet64
+    batch (``data``/``labels``)."""
+    path = Path(path).expanduser()
+    keys = npz_keys(path)
+    if "jpeg" in keys and "offsets" in keys:
+        return JpegNpzPool(path, name=name)
+    if "images" in keys:
+        split, _ = load_npz_split(path)
+        pool = ArrayPool(split.images, name=name or path.stem, labels=split.labels)
+        log_loaded("pool", pool.name, images=len(pool), shape=split.images.shape[1:], path=path)
+        return pool
+    if "data" in keys:
+        return ImageNet64Pool([path], name=name or path.stem)
+    raise DmeError(f"{path} is neither a JPEG pool ('jpeg', 'offsets') nor an image array ('images'); keys: {keys}")
 
 
 def load_pool(spec: str, root: str | None = None, download: bool = False, seed: int = 0, **kw: Any) -> Pool:

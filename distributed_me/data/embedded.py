@@ -13,8 +13,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataNotFound, DmeError
-from .base import ArrayPool, ArraySplit, LabeledDataset, Pool, adapt_images, split_indices
+from .base import ArraySplit, LabeledDataset, Pool, adapt_images, split_indices
 from .registry import log_loaded, normalization_from
 
 log = logging.getLogger(__name__)
@@ -206,22 +206,3 @@ class JpegNpzPool(Pool):
                 img = adapt_images(img[None], size=h)[0] if h == w else np.asarray(Image.fromarray(img).resize((w, h)))
             out[j] = img
         return out
-
-
-def open_npz_pool(path: str | Path, name: str | None = None) -> Pool:
-    """A pool from any supported ``.npz``: JPEG-bytes pool, labeled uint8 arrays (used unlabeled), or an ImageNet64
-    batch (``data``/``labels``)."""
-    path = Path(path).expanduser()
-    keys = npz_keys(path)
-    if "jpeg" in keys and "offsets" in keys:
-        return JpegNpzPool(path, name=name)
-    if "images" in keys:
-        split, _ = load_npz_split(path)
-        pool = ArrayPool(split.images, name=name or path.stem, labels=split.labels)
-        log_loaded("pool", pool.name, images=len(pool), shape=split.images.shape[1:], path=path)
-        return pool
-    if "data" in keys:
-        from .imagenet64 import ImageNet64Pool
-
-        return ImageNet64Pool([path], name=name or path.stem)
-    raise DmeError(f"{path} is neither a JPEG pool ('jpeg', 'offsets') nor an image array ('images'); keys: {keys}")

@@ -52,9 +52,13 @@ def cluster_has_gpus() -> bool:
         return False
 
 
-def replica_options(svc: VictimService, gpus: bool) -> dict[str, Any]:
-    """``.options()`` of a victim deployment: resources, scaling, request limits."""
-    actor = {"num_gpus": svc.gpu_fraction, "num_cpus": min(svc.num_cpus, 1.0)} if gpus else {"num_cpus": svc.num_cpus}
+def replica_options(svc: VictimService, gpus: bool, resources: dict[str, float] | None = None) -> dict[str, Any]:
+    """``.options()`` of a victim deployment: resources (``resources``: the app's custom node resources), scaling,
+    request limits."""
+    actor: dict[str, Any] = ({"num_gpus": svc.gpu_fraction, "num_cpus": min(svc.num_cpus, 1.0)} if gpus
+                             else {"num_cpus": svc.num_cpus})
+    if resources:
+        actor["resources"] = dict(resources)
     # torch in a replica uses as many threads as it was given CPUs (Ray sets OMP_NUM_THREADS only for num_cpus >= 1)
     actor["runtime_env"] = {"env_vars": {"DME_TORCH_THREADS": str(max(1, int(svc.num_cpus)))}}
     opts: dict[str, Any] = {"name": f"victim-{svc.name}", "ray_actor_options": actor,
@@ -250,7 +254,8 @@ def build_app(args: dict[str, Any]) -> Application:
     for svc in spec.victims:
         # resolved where the app is built (trains the embedded victim if needed); a replica on a node where that
         # folder does not exist resolves the source itself
-        victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus)).bind(
+        victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus, spec.resources)).bind(
             svc.model_dump(), str(victim_bundle_path(svc.source)))
-    accountant = Accountant.bind(spec.model_dump())
-    return Ingress.bind(victims, accountant, spec.model_dump())
+    placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
+    accountant = Accountant.options(**placed).bind(spec.model_dump())
+    return Ingress.options(**placed).bind(victims, accountant, spec.model_dump())

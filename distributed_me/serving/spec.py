@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import DmeError, explain_validation_error
 from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
+
 ALL_VICTIMS = "*"
 
 
@@ -83,6 +84,17 @@ class ServeSpec(BaseModel):
     max_request_images: int = Field(4096, ge=1, description="largest batch one request may carry (else 413)")
     max_request_mb: float = Field(64.0, gt=0, description="largest request body in MiB (else 413)")
     log_flush_rows: int = Field(2048, ge=1, description="query-log rows buffered before a Parquet part is written")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources every deployment "
+                                        "of the app asks for, e.g. {victims: 0.01} keeps the whole service (victims, "
+                                        "accounting, ingress) on the nodes that declare a 'victims' resource")
+
+    @model_validator(mode="after")
+    def _resources(self) -> "ServeSpec":
+        bad = {k: v for k, v in self.resources.items() if v <= 0 or k.upper() in ("CPU", "GPU", "MEMORY")}
+        if bad:
+            raise ValueError(f"resources must be custom resource names with positive amounts (CPUs and GPUs are set "
+                             f"per victim), got {bad}")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSpec":

@@ -31,12 +31,13 @@ from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import victim_bundle_path
 from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
+from .trial import HARNESS_METRIC
 
 log = logging.getLogger(__name__)
 
 SPEC_FILE = "dme-sweep.json"
 #: what a trial reports: the result schema plus the harness's own time around the extraction
-RESULT_KEYS = (*METRIC_NAMES, "seconds_harness")
+RESULT_KEYS = (*METRIC_NAMES, HARNESS_METRIC)
 
 
 def sweeps_dir() -> Path:
@@ -77,7 +78,7 @@ def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     victims = [{"name": spec.deployment_name(v.name, p), "source": v.source, "output_policy": p,
                 "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
                 "max_ongoing_requests": 64} for v in spec.victims for p in spec.policies]
-    return {"victims": victims, "clients": [], "query_log": str(query_log)}
+    return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
 
 
 def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True) -> SweepSpec:
@@ -145,8 +146,8 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
     from .trial import run_trial
 
     r = spec.resources
-    resources = {"cpu": r.cpus_per_trial, **({"gpu": r.gpu_fraction} if gpus else {})}
-    trainable = tune.with_resources(run_trial, resources)
+    bundle = {"CPU": r.cpus_per_trial, **({"GPU": r.gpu_fraction} if gpus else {}), **r.trial_resources}
+    trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([bundle]))
     if resume_path is not None:
         return tune.Tuner.restore(str(resume_path), trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=True, param_space=_param_space(spec, ctx))
@@ -220,7 +221,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
         # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
         deploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
-               route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")))
+               route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")),
+               port=int(os.environ.get("DME_SERVE_PORT", "8000")))
         trial_spec = prepare_strategies(spec, parent, progress=on_progress is not None)
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": trial_spec.model_dump(mode="json"), "app_name": app_name(spec.name),
@@ -228,6 +230,9 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial}
         tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress)
         grid = tuner.fit()
+        # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
+        tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
+                                            "attempt ended; Tune retried the trial as a new attempt")
         rows, errors = [], []
         for res in grid:
             if res.error is not None:
@@ -236,6 +241,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             m = res.metrics or {}
             factors = (res.config or {}).get("factors", {})
             rows.append({**{k: factors.get(k) for k in FACTORS}, **{k: m.get(k) for k in RESULT_KEYS},
+                         "harness": {k: v for k, v in m.items() if k.startswith("harness_")},
+                         "trial_wall_seconds": m.get("time_total_s"),
                          "mlflow_run_id": m.get("mlflow_run_id"), "completed": bool(m.get("completed"))})
         status = "FINISHED" if not errors else "FAILED"
         error = "\n".join(errors) or None

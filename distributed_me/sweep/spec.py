@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,15 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..attacks import ATTACKS
 from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
-from ..extraction import AttackSpec
+from ..extraction import FACTORS, AttackSpec
 from ..models import MODELS
 from ..parity import PaperTable
 from ..plugins import load_plugins
 from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
 from ..train import OPTIMIZERS
-
-FACTORS = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs",
-           "seed")
 
 
 def _listify(v: Any) -> list:
@@ -163,6 +161,10 @@ class Resources(BaseModel):
                                                      "cheap next to training, and must not block trial slots)")
     victim_replicas: int = Field(1, ge=1)
     max_concurrent_trials: int | None = Field(None, ge=1)
+    serve_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources the sweep's "
+                                              "Serve app asks for: places victims on labeled nodes")
+    trial_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each trial "
+                                              "asks for (besides its CPUs/GPU): places trials on labeled nodes")
 
 
 class SweepSpec(BaseModel):
@@ -222,7 +224,8 @@ class SweepSpec(BaseModel):
             except ValidationError as e:
                 err = e.errors()[0]
                 raise ValueError(f"attack.strategy_options.{strategy}.{'.'.join(map(str, err['loc']))} = "
-                                 f"{err.get('input')!r}: {err['msg']} (options: {', '.join(cls.model_fields)})")
+                                 f"{err.get('input')!r}: {err['msg']} (options: {', '.join(cls.model_fields)})") \
+                    from None
             for policy in self.policies:
                 returns = parse_policy(policy).returns
                 if returns not in cls.accepts:
@@ -274,18 +277,43 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def parse_sweep(doc: dict[str, Any], preset: str | None = None) -> SweepSpec:
-    """Validate a sweep document (after applying ``preset``); errors name field, value and what is allowed."""
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["resources.trial_resources.trials=0.01", "attack.seed=[0,1]"]`` -> a nested override (values are JSON
+    where they parse as JSON, strings otherwise), applied like a preset: what a cluster adds to a shipped sweep."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        path, sep, raw = item.partition("=")
+        if not sep or not path or any(not p for p in path.split(".")):
+            raise DmeError(f"--set takes DOTTED.FIELD=VALUE (e.g. resources.max_concurrent_trials=4), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DmeError(f"--set {item!r} goes inside {p!r}, which an earlier --set made a value")
+        node[leaf] = value
+    return out
+
+
+def parse_sweep(doc: dict[str, Any], preset: str | None = None, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Validate a sweep document (after applying ``preset``, then ``overrides``); errors name field, value and what
+    is allowed."""
     if preset:
         presets = doc.get("presets") or {}
         if preset not in presets:
             raise DmeError(f"unknown preset {preset!r}; this sweep has: {', '.join(presets) or 'none'}")
         doc = deep_merge({k: v for k, v in doc.items()}, presets[preset])
+    if overrides:
+        doc = deep_merge(doc, overrides)
     try:
         return SweepSpec.model_validate(doc)
     except ValidationError as e:
         raise explain_validation_error(e, "sweep") from None
 
 
-def load_sweep(path: str | Path, preset: str | None = None) -> SweepSpec:
-    return parse_sweep(read_yaml_mapping(path, "sweep file", "sweeps/quickstart.yaml"), preset)
+def load_sweep(path: str | Path, preset: str | None = None, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    return parse_sweep(read_yaml_mapping(path, "sweep file", "sweeps/quickstart.yaml"), preset, overrides)

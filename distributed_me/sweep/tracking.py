@@ -70,18 +70,25 @@ def start_parent(experiment: str, sweep: str, spec: dict, cluster: dict[str, flo
     return rid
 
 
-def reopen_parent(run_id: str) -> None:
-    """On resume: the parent runs again, and child runs its dead driver left RUNNING are marked KILLED."""
+def end_stale_children(run_id: str, reason: str) -> int:
+    """Mark KILLED, with ``reason``, every child run of ``run_id`` still RUNNING: attempts whose process died without
+    closing its run (a lost worker node, a killed driver). Call only when no trial of the sweep runs."""
     c = client()
-    c.update_run(run_id, status="RUNNING")
     run = c.get_run(run_id)
     stale = c.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
                                                     "attributes.status = 'RUNNING'", max_results=10000)
     for r in stale:
-        c.set_tag(r.info.run_id, "dme.error", "driver died while this trial ran; the trial was resumed as a new run")
+        c.set_tag(r.info.run_id, "dme.error", reason)
         c.set_terminated(r.info.run_id, status="KILLED")
     if stale:
-        log.info("marked %d stale trial runs KILLED", len(stale))
+        log.info("marked %d stale trial runs KILLED: %s", len(stale), reason)
+    return len(stale)
+
+
+def reopen_parent(run_id: str) -> None:
+    """On resume: the parent runs again, and child runs its dead driver left RUNNING are marked KILLED."""
+    client().update_run(run_id, status="RUNNING")
+    end_stale_children(run_id, "driver died while this trial ran; the trial was resumed as a new run")
 
 
 def end_parent(run_id: str, status: str, summary: dict[str, float] | None = None, error: str | None = None) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -28,16 +27,18 @@ from typing import Any
 
 import torch
 
+from ..attacks import Timer
 from ..data import load_pool
-from ..extraction import AttackSpec, Evaluator
-from ..extraction import run_extraction
+from ..extraction import FACTORS, AttackSpec, Evaluator, run_extraction
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
-from .spec import FACTORS
 from .tracking import TrialRun, finished_trial, trial_key
 
 log = logging.getLogger(__name__)
+
+#: the harness's own seconds in a trial (outside the extraction), reported beside the result schema
+HARNESS_METRIC = "seconds_harness"
 
 
 @lru_cache(maxsize=4)
@@ -71,11 +72,12 @@ def attack_spec(ctx: dict[str, Any], f: dict[str, Any]) -> AttackSpec:
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable. ``config = {"factors": {...}, "ctx": {...}}`` (see :mod:`distributed_me.sweep.runner`)."""
+    import ray
     from ray import tune
 
     from ..serving.clients import HandleOracle
 
-    t0 = time.perf_counter()
+    h = Timer(phases=())  # the harness's own steps, outside the extraction's phases
     ctx = config["ctx"]
     spec = ctx["spec"]  # validated by the driver: not validated again per trial
     load_plugins(spec.get("plugins", []))
@@ -83,7 +85,8 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(round(ctx["cpus_per_trial"]))))
     os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]
     trial_id = tune.get_context().get_trial_id() or uuid.uuid4().hex[:8]
-    done = finished_trial(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f))
+    with h.phase("lookup"):
+        done = finished_trial(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f))
     if done is not None:
         log.info("trial %s already finished as MLflow run %s: not run again", trial_id, done.info.run_id)
         tune.report({**done.data.metrics, "epoch": int(f["epochs"]), "completed": True,
@@ -93,35 +96,42 @@ def run_trial(config: dict[str, Any]) -> None:
 
     # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
     key = f"trial-{trial_id}-{uuid.uuid4().hex}"
-    _handles(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
-                                                 "victims": [deployment]}).result()
+    with h.phase("key"):
+        _handles(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
+                                                     "victims": [deployment]}).result()
 
     name = (f"{f['strategy']}-{f['victim']}-{f['policy']}-b{f['budget']}-{f['arch']}-{f['optimizer']}"
             f"-lr{f['lr']}-s{f['seed']}")
-    with TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
-                  {"dme.trial_id": trial_id, "dme.deployment": deployment}) as run:
-        victim, evaluator = _judge(ctx["bundles"][f["victim"]])
-        pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
-        oracle = HandleOracle(deployment, key, ctx["app_name"])
-        harness_before = time.perf_counter() - t0
+    with h.phase("mlflow_start"):
+        run = TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
+                       {"dme.trial_id": trial_id, "dme.deployment": deployment,
+                        "dme.node": ray.get_runtime_context().get_node_id()})
+    with run:
+        with h.phase("judge_pool"):
+            victim, evaluator = _judge(ctx["bundles"][f["victim"]])
+            pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
+        with h.phase("handle"):
+            oracle = HandleOracle(deployment, key, ctx["app_name"])
 
         def on_epoch(epoch: int, row: dict) -> None:
-            metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
-            run.metrics(metrics, step=epoch)
-            tune.report({**metrics, "epoch": epoch, "completed": False})
+            with h.phase("epoch_reports"):  # inside the extraction's train phase: subtracted from it below
+                metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
+                run.metrics(metrics, step=epoch)
+                tune.report({**metrics, "epoch": epoch, "completed": False})
 
         result = run_extraction(oracle, pool, attack_spec(ctx, f), evaluator, on_epoch=on_epoch,
                                 eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"])
-        t_after = time.perf_counter()
+        result.seconds["train"] -= h.seconds.get("epoch_reports", 0.0)
+        result.seconds["total"] -= h.seconds.get("epoch_reports", 0.0)
         final = result.metrics()
-        with tempfile.TemporaryDirectory() as d:
+        with h.phase("artifact"), tempfile.TemporaryDirectory() as d:
             path = Path(d) / "piracy_model.pt"
             torch.save({"state_dict": result.model.state_dict(), "arch": f["arch"],  # type: ignore[union-attr]
                         "num_classes": len(victim.class_names), "input_shape": list(victim.input_shape)}, path)
             run.artifact(path)
-        # the harness's own time around the extraction: key, MLflow run, judge/pool (cached after the first
-        # trial on a worker), handles, the final logging and the artifact
-        final["seconds_harness"] = harness_before + time.perf_counter() - t_after
+        final.update({f"harness_{k}": v for k, v in h.seconds.items()})
+        final[HARNESS_METRIC] = sum(h.seconds.values())
         run.metrics(final, step=int(f["epochs"]))
     # after the run is closed: Tune may end the trial inside this call (`done` would too, hence `completed`)
     tune.report({**final, "epoch": int(f["epochs"]), "completed": True, "mlflow_run_id": run.run_id})
+

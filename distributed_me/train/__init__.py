@@ -1,4 +1,5 @@
-"""The piracy trainer (MEBench's UpdateModel, paper 004 §2.3): losses, optimizers (SGD/Adam/AdamW/Lion), augmentation."""
+"""The piracy trainer (MEBench's UpdateModel, paper 004 §2.3): losses, optimizers (SGD/Adam/AdamW/Lion),
+augmentation."""
 
 from .losses import hard_cross_entropy, soft_cross_entropy
 from .optimizers import OPTIMIZERS, OptimInfo, create_optimizer

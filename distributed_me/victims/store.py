@@ -7,6 +7,7 @@ dme bundle (``models:/NAME/VERSION``) and a model MLflow itself can load and ``p
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 
 try:  # the pyfunc wrapper needs mlflow at import; keep the module importable without it
     import mlflow.pyfunc
+
+    # MLflow warns at class creation that `predict` has no type hints: its hint-based validation does not know
+    # NCHW float tensors, so the model keeps the untyped signature and the warning stays off the user's terminal
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
     class VictimPyfunc(mlflow.pyfunc.PythonModel):
         """``predict`` takes float32 NCHW in [0, 1] and returns the victim's class probabilities."""
