@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..attacks import ATTACKS, PrepareContext
 from ..data import load_pool
 from ..errors import DmeError
 from ..extraction import METRIC_NAMES
+from ..plugins import load_plugin
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import victim_bundle_path
 from .progress import TrialProgress
@@ -114,6 +116,16 @@ def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = Tru
         record({"seconds": time.perf_counter() - t0}, {k: str(v) for k, v in products.items()})
         options[name] = {**options.get(name, {}), **products}
     return spec.model_copy(update={"attack": spec.attack.model_copy(update={"strategy_options": options})})
+
+
+def ship_plugins(plugins: list[str]) -> None:
+    """Plugin code travels by value: a featurizer or model class defined in a plugin file is pickled with its code,
+    since Ray workers that never loaded the file (Ray Data actors, for one) cannot import it by name. Trials also
+    load the plugins themselves, so the registries there know the plugin's names."""
+    from ray import cloudpickle
+
+    for ref in plugins:
+        cloudpickle.register_pickle_by_value(sys.modules[load_plugin(ref)])
 
 
 def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
@@ -208,6 +220,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
 
     spec = spec.with_absolute_paths()  # trials run in Tune's trial folders: relative paths must not leak
     init_ray(address, num_cpus=num_cpus)
+    ship_plugins(spec.plugins)
     gpus = cluster_has_gpus()
     exp_id = ensure_experiment(spec.experiment)
     parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
