@@ -296,3 +296,21 @@ def test_dme_attack_wrong_key_is_one_clear_error(service, capsys):
     code = main(["attack", "--victim-url", f"{service['url']}/v1/victims/digits", "--api-key", "bad-key-123",
                  "--budget", "10", "--no-mlflow"])
     assert code == 2 and "HTTP 401" in capsys.readouterr().err
+
+
+def test_waiting_for_an_app_ends_at_once_when_its_background_deployment_failed(service):
+    """A sweep deploys its app while Tune starts the trials; trials wait for it. A deployment that failed is said at
+    once, with its cause, on any node (Ray's KV store), and an app that never comes is a clear timeout."""
+    import ray.experimental.internal_kv as kv
+
+    from distributed_me.errors import DmeError
+    from distributed_me.serving.runtime import _failure_key, wait_until_ready
+
+    assert wait_until_ready("dme", timeout=30) < 30  # the fixture's running app
+    kv._internal_kv_put(_failure_key("broken-app"), b"BundleError: victim bundle /x is corrupt")
+    t0 = time.monotonic()
+    with pytest.raises(DmeError, match="'broken-app' failed to deploy: BundleError: victim bundle /x is corrupt"):
+        wait_until_ready("broken-app", timeout=60)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(DmeError, match="'never-deployed' was not running after 1 s"):
+        wait_until_ready("never-deployed", timeout=1)

@@ -65,12 +65,18 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     from distributed_me.sweep.runner import run_sweep
     from distributed_me.sweep.spec import parse_sweep
 
+    lines: list[str] = []
     try:
-        out = run_sweep(parse_sweep(_doc("e2e")), num_cpus=2)
+        out = run_sweep(parse_sweep(_doc("e2e")), num_cpus=2, on_progress=lines.append)
     finally:
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 4
     assert all(r["queries_used"] == 60 and r["completed"] for r in out.rows)
+    # one line per trial start, one (plus its figures) per finish, counted against the total; no Tune table
+    assert sum("] started " in ln for ln in lines) == 4 and sum("] finished " in ln for ln in lines) == 4
+    assert lines[-2].startswith("[4/4] finished ") and "fidelity 0." in lines[-1]
+    assert all(len(ln) < 200 for ln in lines)
+    assert {"mlflow", "deploy", "trials", "teardown"} <= set(out.seconds)
 
     c = MlflowClient(sweep_env["uri"])
     (parent,) = _runs(sweep_env["uri"], "e2e", "sweep")

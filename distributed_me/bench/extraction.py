@@ -87,16 +87,13 @@ def bench_extraction(args: argparse.Namespace) -> dict:
         r = run_extraction(oracle, pool, spec, evaluator, progress=True)
         s = r.seconds
         achieved = budget * epochs / s["train"] if s["train"] else 0.0
-        row = {"optimizer": optimizer, "budget": budget, "accuracy": r.accuracy, "fidelity": r.fidelity,
-               "adv_fidelity": r.adversarial_fidelity, "queries": r.queries_used,
-               "t_select": s["selection"], "t_query": s["query"], "t_train": s["train"], "t_eval": s["eval"],
-               "t_total": s["total"], "train_img_s": achieved, "vs_limit": achieved / limit,
-               "peak_rss_mb": peak_rss_mb()}
+        row = {"optimizer": optimizer, "budget": budget, **r.metrics(), "train_img_s": achieved,
+               "vs_limit": achieved / limit, "peak_rss_mb": peak_rss_mb()}
         runs.append(row)
         print(f"  {optimizer:5s} budget {budget:5d}: fidelity {r.fidelity:.4f} accuracy {r.accuracy:.4f} "
               f"({s['total']:.0f}s)")
-    cols = ["optimizer", "budget", "accuracy", "fidelity", "adv_fidelity", "queries", "t_select", "t_query",
-            "t_train", "t_eval", "t_total", "train_img_s", "vs_limit"]
+    cols = ["optimizer", "budget", "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds_selection",
+            "seconds_query", "seconds_train", "seconds_eval", "seconds_total", "train_img_s", "vs_limit"]
     print_table([r for r in runs if r["optimizer"] == "adam"], cols, "fidelity vs budget (Adam)")
     print_table([r for r in runs if r["budget"] == opt_budget], cols, f"optimizers at budget {opt_budget}")
     plot = _plot(runs, budgets, opt_budget, Path(args.out) / "extraction.png")
@@ -113,7 +110,7 @@ def _plot(runs: list[dict], budgets: list[int], opt_budget: int, path: Path) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     adam = [r for r in runs if r["optimizer"] == "adam"]
-    for key in ("fidelity", "accuracy", "adv_fidelity"):
+    for key in ("fidelity", "accuracy", "adversarial_fidelity"):
         a.plot([r["budget"] for r in adam], [r[key] for r in adam], marker="o", label=key)
     a.set(xlabel="query budget", ylabel="score", title="random queries, CNN32 piracy (Adam)", ylim=(0, 1))
     a.legend()

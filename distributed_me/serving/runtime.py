@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Any
+
+from ..errors import DmeError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,79 @@ def deploy(args: dict[str, Any], host: str = DEFAULT_HOST, port: int = DEFAULT_P
     else:
         serve.start(proxy_location="Disabled")
     return serve.run(app, name=app_name, route_prefix=route_prefix)
+
+
+def _failure_key(app_name: str) -> bytes:
+    return f"dme:deploy-failed:{app_name}".encode()
+
+
+class BackgroundDeploy:
+    """:func:`deploy` in a thread, so that the work that does not need the app (a sweep's Tune start, its trials'
+    worker start and judge loading) overlaps the replicas' start. Consumers call :func:`wait_until_ready`. A failure
+    is kept for :meth:`result` and also published in Ray's KV store, so waiting consumers on any node give up at once
+    instead of at their timeout."""
+
+    def __init__(self, args: dict[str, Any], **deploy_kwargs: Any):
+        import ray.experimental.internal_kv as kv
+
+        from .app import build_app
+
+        build_app(args)  # validate now, in the caller: a bad spec fails before anything starts
+        self.app_name = deploy_kwargs.get("app_name", DEFAULT_APP)
+        kv._internal_kv_del(_failure_key(self.app_name))
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                deploy(args, **deploy_kwargs)
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised by result()
+                self.error = e
+                kv._internal_kv_put(_failure_key(self.app_name), f"{type(e).__name__}: {e}".encode())
+            finally:
+                self.seconds = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=run, name=f"deploy-{self.app_name}", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the deployment to end, well or not; whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait for the deployment; raise its error if it failed."""
+        if not self.wait(timeout):
+            raise DmeError(f"the Serve app {self.app_name!r} was not deployed within {timeout} s")
+        if self.error is not None:
+            raise self.error
+
+
+def wait_until_ready(app_name: str, timeout: float = 600.0, every: float = 0.2) -> float:
+    """Block until the app is RUNNING (returns the seconds waited); raise a clear error when its deployment failed,
+    or after ``timeout`` seconds."""
+    import ray.experimental.internal_kv as kv
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            app = serve.status().applications.get(app_name)
+        except RayServeException:  # Serve itself is still starting
+            app = None
+        status = str(getattr(app, "status", "")) if app is not None else ""
+        if status.endswith("RUNNING"):
+            return time.monotonic() - t0
+        failed = kv._internal_kv_get(_failure_key(app_name))
+        if failed is not None or status.endswith("DEPLOY_FAILED"):
+            why = failed.decode() if failed else getattr(app, "message", "")
+            raise DmeError(f"the Serve app {app_name!r} failed to deploy: {why}")
+        if time.monotonic() - t0 > timeout:
+            raise DmeError(f"the Serve app {app_name!r} was not running after {timeout:.0f} s (status "
+                           f"{status or 'not deployed'}); see the Serve logs of the cluster")
+        time.sleep(every)
 
 
 def flush_query_log(app_name: str = DEFAULT_APP) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..attacks import ATTACKS, PrepareContext
+from ..attacks import ATTACKS, PrepareContext, Timer
 from ..data import load_pool
 from ..errors import DmeError
 from ..extraction import METRIC_NAMES
@@ -57,6 +57,8 @@ class SweepOutcome:
     rows: list[dict[str, Any]]
     errors: list[str]
     path: Path
+    #: the sweep's own phases: ray, mlflow, deploy, prepare, trials (Tune, the trials included), teardown
+    seconds: dict[str, float]
 
 
 def save_spec(spec: SweepSpec, preset: str | None, folder: Path) -> None:
@@ -132,7 +134,10 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
     from ray import tune
 
     if spec.search.kind == "grid":
-        return {"factors": tune.grid_search(spec.grid()), "ctx": ctx}
+        # longest first (queries x epochs as the proxy): with trials side by side, a long trial started last would
+        # run alone at the end while the other slots idle (LPT scheduling)
+        order = sorted(spec.grid(), key=lambda f: int(f["budget"]) * int(f["epochs"]), reverse=True)
+        return {"factors": tune.grid_search(order), "ctx": ctx}
     a = spec.attack
     axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "strategy": a.strategy,
             "budget": a.budget, "arch": a.arch, "optimizer": a.optimizer, "lr": a.lr, "pretrained": a.pretrained,
@@ -199,7 +204,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
     from ray import serve
 
     from ..serving.app import cluster_has_gpus
-    from ..serving.runtime import deploy, flush_query_log, init_ray
+    from ..serving.runtime import BackgroundDeploy, flush_query_log, init_ray
     from . import tracking
 
     storage = sweeps_dir()
@@ -219,30 +224,41 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         save_spec(spec, preset, folder)
 
     spec = spec.with_absolute_paths()  # trials run in Tune's trial folders: relative paths must not leak
-    init_ray(address, num_cpus=num_cpus)
-    ship_plugins(spec.plugins)
-    gpus = cluster_has_gpus()
-    exp_id = ensure_experiment(spec.experiment)
-    parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
-    if parent:
-        tracking.reopen_parent(parent)
-    else:
-        parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
-                                       ray.cluster_resources(), preset)
+    clock = Timer(phases=())  # the sweep's own fixed costs, on the parent run as sweep_seconds_PHASE
+    with clock.phase("ray"):
+        init_ray(address, num_cpus=num_cpus)
+        ship_plugins(spec.plugins)
+        gpus = cluster_has_gpus()
+    with clock.phase("mlflow"):
+        exp_id = ensure_experiment(spec.experiment)
+        parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
+        if parent:
+            tracking.reopen_parent(parent)
+        else:
+            parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
+                                           ray.cluster_resources(), preset)
     status, error, summary = "FAILED", None, None
+    deployer = None
     try:
-        bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
-        # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
-        deploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
-               route_prefix=f"/sweeps/{spec.name}", http=bool(address or os.environ.get("RAY_ADDRESS")),
-               port=int(os.environ.get("DME_SERVE_PORT", "8000")))
-        trial_spec = prepare_strategies(spec, parent, progress=on_progress is not None)
+        with clock.phase("deploy"):  # started here, finished in the background while Tune starts the trials
+            bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
+            # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
+            deployer = BackgroundDeploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
+                                        route_prefix=f"/sweeps/{spec.name}",
+                                        http=bool(address or os.environ.get("RAY_ADDRESS")),
+                                        port=int(os.environ.get("DME_SERVE_PORT", "8000")))
+        with clock.phase("prepare"):
+            trial_spec = prepare_strategies(spec, parent, progress=on_progress is not None)
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": trial_spec.model_dump(mode="json"), "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
-               "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial}
-        tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress)
-        grid = tuner.fit()
+               "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
+               "deploy_timeout_s": spec.resources.deploy_timeout_s}
+        with clock.phase("trials"):
+            tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress)
+            grid = tuner.fit()
+        deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
+        clock.seconds["deploy_background"] = deployer.seconds
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
@@ -260,10 +276,11 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         status = "FINISHED" if not errors else "FAILED"
         error = "\n".join(errors) or None
         done = [r for r in rows if r["completed"]]
-        summary = {"trials": len(rows) + len(errors), "trials_failed": len(errors), "trials_finished": len(done)}
+        summary = {"trials": len(rows) + len(errors), "trials_failed": len(errors), "trials_finished": len(done),
+                   **{f"sweep_seconds_{k}": v for k, v in clock.seconds.items()}}
         if done:
             summary["best_fidelity"] = max(r["fidelity"] for r in done)
-        return SweepOutcome(spec.name, parent, rows, errors, folder)
+        return SweepOutcome(spec.name, parent, rows, errors, folder, clock.seconds)
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted; resume with `dme sweep --resume NAME`"
         raise
@@ -271,9 +288,12 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        flush_query_log(app_name(spec.name))
-        try:
-            serve.delete(app_name(spec.name))
-        except Exception as e:  # the cluster may be gone
-            log.warning("could not delete the sweep's Serve app: %s", e)
-        tracking.end_parent(parent, status, summary, error)
+        with clock.phase("teardown"):
+            if deployer is not None:
+                deployer.wait(timeout=spec.resources.deploy_timeout_s)  # never delete an app mid-deployment
+            flush_query_log(app_name(spec.name))
+            try:  # not waited for: the replicas' shutdown is Serve's business, and no answer is pending
+                serve.delete(app_name(spec.name), _blocking=False)
+            except Exception as e:  # the cluster may be gone
+                log.warning("could not delete the sweep's Serve app: %s", e)
+            tracking.end_parent(parent, status, summary, error)

@@ -165,6 +165,8 @@ class Resources(BaseModel):
                                               "Serve app asks for: places victims on labeled nodes")
     trial_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each trial "
                                               "asks for (besides its CPUs/GPU): places trials on labeled nodes")
+    deploy_timeout_s: float = Field(600.0, gt=0, description="how long trials wait for the sweep's Serve app "
+                                                            "(it deploys while Tune starts them)")
 
 
 class SweepSpec(BaseModel):

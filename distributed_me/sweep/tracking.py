@@ -15,6 +15,7 @@ import logging
 import platform
 import tempfile
 import time
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,15 @@ PACKAGES = ("torch", "torchvision", "ray", "mlflow", "timm", "optuna", "numpy", 
 
 
 def client():
+    """One client per tracking URI and process (trial workers are reused: no new store connection per trial)."""
+    return _client(tracking_uri())
+
+
+@lru_cache(maxsize=4)
+def _client(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri())
+    return MlflowClient(uri)
 
 
 def package_versions() -> dict[str, str]:

@@ -54,7 +54,7 @@ def _pool(name: str, options: tuple):
 
 
 @lru_cache(maxsize=8)
-def _handles(app_name: str):
+def _accountant(app_name: str):
     from ray import serve
 
     return serve.get_deployment_handle("Accountant", app_name)
@@ -76,6 +76,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     from ..serving.clients import HandleOracle
+    from ..serving.runtime import wait_until_ready
 
     h = Timer(phases=())  # the harness's own steps, outside the extraction's phases
     ctx = config["ctx"]
@@ -93,13 +94,7 @@ def run_trial(config: dict[str, Any]) -> None:
                      "mlflow_run_id": done.info.run_id, "reused": True})
         return
     deployment = ctx["deployments"][f"{f['victim']}|{f['policy']}"]
-
-    # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
     key = f"trial-{trial_id}-{uuid.uuid4().hex}"
-    with h.phase("key"):
-        _handles(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
-                                                     "victims": [deployment]}).result()
-
     name = (f"{f['strategy']}-{f['victim']}-{f['policy']}-b{f['budget']}-{f['arch']}-{f['optimizer']}"
             f"-lr{f['lr']}-s{f['seed']}")
     with h.phase("mlflow_start"):
@@ -110,6 +105,12 @@ def run_trial(config: dict[str, Any]) -> None:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
             pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
+        with h.phase("wait_app"):  # the first trials start while the sweep's Serve app is still deploying
+            wait_until_ready(ctx["app_name"], ctx["deploy_timeout_s"])
+        # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
+        with h.phase("key"):
+            _accountant(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
+                                                         "victims": [deployment]}).result()
         with h.phase("handle"):
             oracle = HandleOracle(deployment, key, ctx["app_name"])
 

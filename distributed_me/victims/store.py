@@ -18,26 +18,27 @@ from .bundle import META_FILE, load_bundle
 
 log = logging.getLogger(__name__)
 
-try:  # the pyfunc wrapper needs mlflow at import; keep the module importable without it
+def _pyfunc_model():
+    """The MLflow pyfunc wrapper of a bundle: ``predict`` takes float32 NCHW in [0, 1] and returns the victim's class
+    probabilities. Built on first use, so that importing the victims package (every Serve replica and trial worker
+    does) does not import MLflow (about a second per process)."""
     import mlflow.pyfunc
 
-    # MLflow warns at class creation that `predict` has no type hints: its hint-based validation does not know
-    # NCHW float tensors, so the model keeps the untyped signature and the warning stays off the user's terminal
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+    # MLflow warns, when a PythonModel subclass is created, that `predict` has no type hints (and forces that warning
+    # through its own filter): its hint-based validation does not know NCHW float tensors, so the signature stays
+    # untyped and the warning is recorded here and dropped, off the user's terminal
+    with warnings.catch_warnings(record=True):
 
-    class VictimPyfunc(mlflow.pyfunc.PythonModel):
-        """``predict`` takes float32 NCHW in [0, 1] and returns the victim's class probabilities."""
+        class VictimPyfunc(mlflow.pyfunc.PythonModel):
+            def load_context(self, context) -> None:
+                self.victim = load_bundle(context.artifacts["bundle"])
 
-        def load_context(self, context) -> None:
-            self.victim = load_bundle(context.artifacts["bundle"])
+            def predict(self, context, model_input, params=None):  # noqa: ARG002 - MLflow's signature
+                import torch
 
-        def predict(self, context, model_input, params=None):  # noqa: ARG002 - MLflow's signature
-            import torch
+                return self.victim.predict_probs(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
 
-            return self.victim.predict_probs(torch.as_tensor(np.asarray(model_input, dtype=np.float32))).numpy()
-
-except ImportError:  # pragma: no cover
-    VictimPyfunc = None  # type: ignore[assignment,misc]
+    return VictimPyfunc()
 
 
 def cache_dir() -> Path:
@@ -61,7 +62,7 @@ def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victim
         mlflow.log_metric("test_accuracy", victim.meta.test_accuracy)
         info = mlflow.pyfunc.log_model(
             name="victim",
-            python_model=VictimPyfunc(),
+            python_model=_pyfunc_model(),
             artifacts={"bundle": str(Path(bundle).resolve())},
             registered_model_name=name,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
