@@ -137,6 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def trial_table(rows: list[dict], columns: list[str]) -> str:
     """Rows of numbers and names as an aligned text table (floats to 4 places)."""
     def fmt(v) -> str:
+        if isinstance(v, float) and v.is_integer() and abs(v) >= 1:  # counts (queries) come back from Tune as floats
+            return str(int(v))
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]

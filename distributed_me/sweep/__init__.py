@@ -14,6 +14,3 @@ _os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Tune's console output is ours to choose: verbose=0 with its older output engine prints nothing (the newer one still
 # prints a configuration box and TensorBoard hints); `dme sweep` prints one line per trial state change instead
 _os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-# Tune's own per-trial result files (JSON, CSV, TensorBoard), written by the driver at every report, duplicate what
-# MLflow records and cost driver time per report; resume needs only Tune's experiment state, which stays
-_os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

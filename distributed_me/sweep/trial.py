@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 #: the harness's own seconds in a trial (outside the extraction), reported beside the result schema
 HARNESS_METRIC = "seconds_harness"
 
+#: the sweep apps this worker process has seen running (Tune reuses workers across a sweep's trials)
+_READY_APPS: set[str] = set()
+
 
 @lru_cache(maxsize=4)
 def _judge(bundle: str) -> tuple[Victim, Evaluator]:
@@ -106,7 +109,9 @@ def run_trial(config: dict[str, Any]) -> None:
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
             pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
         with h.phase("wait_app"):  # the first trials start while the sweep's Serve app is still deploying
-            wait_until_ready(ctx["app_name"], ctx["deploy_timeout_s"])
+            if ctx["app_name"] not in _READY_APPS:  # once per worker: a running app stays up for the sweep
+                wait_until_ready(ctx["app_name"], ctx["deploy_timeout_s"])
+                _READY_APPS.add(ctx["app_name"])
         # a fresh key per attempt: a retried trial starts with its full budget, and budgets never mix between trials
         with h.phase("key"):
             _accountant(ctx["app_name"]).add_client.remote({"key": key, "budget": int(f["budget"]),
