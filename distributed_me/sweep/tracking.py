@@ -130,7 +130,7 @@ class TrialRun:
     """A child run for one trial attempt; use as a context manager so it always ends with a status."""
 
     def __init__(self, experiment_id: str, parent_run_id: str, sweep: str, name: str, factors: dict[str, Any],
-                 extra_tags: dict[str, str] | None = None):
+                 extra_tags: dict[str, str] | None = None, extra_params: dict[str, Any] | None = None):
         self.client = client()
         tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
                 "dme.attack": str(factors["strategy"]), "dme.victim": str(factors["victim"]),
@@ -140,7 +140,9 @@ class TrialRun:
         self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in factors.items()])
+        params = {**factors, **{k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v
+                                for k, v in (extra_params or {}).items()}}
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

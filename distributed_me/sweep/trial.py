@@ -101,9 +101,12 @@ def run_trial(config: dict[str, Any]) -> None:
     name = (f"{f['strategy']}-{f['victim']}-{f['policy']}-b{f['budget']}-{f['arch']}-{f['optimizer']}"
             f"-lr{f['lr']}-s{f['seed']}")
     with h.phase("mlflow_start"):
+        attack = attack_spec(ctx, f)
         run = TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
                        {"dme.trial_id": trial_id, "dme.deployment": deployment,
-                        "dme.node": ray.get_runtime_context().get_node_id()})
+                        "dme.node": ray.get_runtime_context().get_node_id()},
+                       # what the strategy was given, prepared products included (e.g. a features file)
+                       {"strategy_options": attack.strategy_options})
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
@@ -125,7 +128,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 run.metrics(metrics, step=epoch)
                 tune.report({**metrics, "epoch": epoch, "completed": False})
 
-        result = run_extraction(oracle, pool, attack_spec(ctx, f), evaluator, on_epoch=on_epoch,
+        result = run_extraction(oracle, pool, attack, evaluator, on_epoch=on_epoch,
                                 eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"])
         result.seconds["train"] -= h.seconds.get("epoch_reports", 0.0)
         result.seconds["total"] -= h.seconds.get("epoch_reports", 0.0)
