@@ -229,29 +229,32 @@ def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http
     from distributed_me.serving.ledger import key_fingerprint, read_query_log
     from distributed_me.serving.runtime import flush_query_log
 
-    key, n_requests = "key-kill-test", 240
+    key, n_requests, per_request = "key-kill-test", 160, 512
     answered, refused = [], []
 
     def client(i):
-        r = _predict(http, "digits", _npy(_images(4, seed=i)), key=key)
+        # batches large enough that a forward pass is under way on the replica when it is killed
+        r = _predict(http, "digits", _npy(_images(per_request, seed=i)), key=key)
         (answered if r.status_code == 200 else refused).append((i, r.status_code))
 
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "victim-digits#" in a["name"]]
     assert len(replicas) == 2
-    with ThreadPoolExecutor(6) as ex:
+    with ThreadPoolExecutor(8) as ex:  # enough load that both replicas are always busy
         futures = [ex.submit(client, i) for i in range(n_requests)]
         _wait(lambda: len(answered) >= 30, 60, "load to build up")
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
         for f in futures:
             f.result(timeout=120)
-    assert {code for _, code in refused} <= {503}, refused
+    # requests the dead replica held are refused with 503 (and charged nothing, below); at least one must have been:
+    # otherwise the release path never ran and this test would prove nothing
+    assert refused and {code for _, code in refused} == {503}, refused
     assert len(answered) + len(refused) == n_requests and len(answered) > 30
     _wait(lambda: _serve_replicas("victim-digits") == 2, 120, "the killed replica to be replaced")
     usage = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key}).json()
     flush_query_log()
     log = read_query_log(service["log"]).to_pandas()
     mine = log[log["key"] == key_fingerprint(key)]
-    assert usage["used"] == 4 * len(answered) == mine["count"].sum()
+    assert usage["used"] == per_request * len(answered) == mine["count"].sum()
     assert mine["request_id"].is_unique and len(mine) == len(answered)
 
 
