@@ -75,10 +75,10 @@ def test_sweep_survives_losing_a_worker_node(sweep_env, cluster, tmp_path, monke
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and "run" not in removed:
             for r in _trial_runs(sweep_env["uri"], "multinode"):
-                if r.info.status == "RUNNING" and r.data.tags.get("dme.node") == doomed:
+                # well inside the trial: it has logged an epoch, so its key is charged and it is training
+                if r.info.status == "RUNNING" and r.data.tags.get("dme.node") == doomed and r.data.metrics:
                     # the Serve app holds the 'victims' resource, which only the victims node has
                     removed["victims_available"] = ray.available_resources().get("victims", 1.0)
-                    time.sleep(1.0)  # well inside the trial: its key is registered and it is querying/training
                     c.remove_node(nodes["trials-b"], allow_graceful=False)
                     removed["run"] = r.info.run_id
                     return
