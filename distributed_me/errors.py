@@ -43,7 +43,8 @@ class BundleError(DmeError):
 
 
 def explain_validation_error(e: Exception, what: str) -> DmeError:
-    """Turn a pydantic ``ValidationError`` into one line per problem: field, bad value, what is allowed."""
+    """Turn a pydantic ``ValidationError`` into one message, one ``;``-separated clause per problem: field, bad value,
+    what is allowed (one line, so the CLI's ``error:`` line stays one line)."""
     lines = []
     for err in getattr(e, "errors", lambda: [])():
         loc = ".".join(str(x) for x in err.get("loc", ()))
@@ -54,4 +55,4 @@ def explain_validation_error(e: Exception, what: str) -> DmeError:
         value = repr(err.get("input"))
         value = value if len(value) <= 200 else value[:200] + "…"
         lines.append(f"{what} field {loc!r} = {value}: {msg}")
-    return DmeError("\n".join(lines) or f"invalid {what}: {e}")
+    return DmeError("; ".join(lines) or f"invalid {what}: {e}")

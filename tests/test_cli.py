@@ -1,12 +1,16 @@
 """The command line: results on the embedded default, and clear one-line errors (exit 2, no traceback)."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from distributed_me.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(capsys, *argv):
@@ -68,6 +72,45 @@ def test_bad_input_is_one_clear_error(capsys, argv, needle):
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["attack", "--budget", "0", "--epochs", "0"],
+     "attack field 'budget' = 0: Input should be greater than 0; attack field 'epochs' = 0"),
+    (["attack", "--optimizer", "rmsprop"], "valid optimizer names: adam, adamw, lion, sgd, sgd-m0.5"),
+    (["serve", "/nonexistent/serve.yaml"], "serve config /nonexistent/serve.yaml not found; see "
+                                          "deployments/local.yaml"),
+    (["report", "no-such-sweep"], "no finished trials of sweep 'no-such-sweep'"),
+    (["pool", "features", "photos", "--strategy", "random"],
+     "attack strategy 'random' has no preparation step, so there is nothing to compute for a pool; strategies with "
+     "one: swifttheft"),
+    (["pool", "features", "photos", "--strategy", "nope"], "valid attack strategy names: activethief-dfal"),
+    (["bench", "nope"], "unknown benchmark 'nope'; valid benchmark names: extraction, selection, serve, sweep"),
+    (["sweep", "--resume", "no-such-sweep"], "no sweep named 'no-such-sweep' to resume"),
+    (["sweep", "sweeps/quickstart.yaml", "--preset", "nope"], "unknown preset 'nope'; this sweep has: smoke"),
+    (["sweep", "sweeps/quickstart.yaml", "--set", "resources"], "--set takes DOTTED.FIELD=VALUE"),
+    (["sweep", "sweeps/quickstart.yaml", "--set", "attack.optimizer=rmsprop", "--dry-run"],
+     "sweep field 'attack.optimizer' = 'rmsprop': unknown optimizer 'rmsprop'; valid: adam, adamw, lion, sgd"),
+    (["sweep", "--resume", "x", "sweeps/quickstart.yaml"], "not both"),
+])
+def test_every_command_says_what_was_wrong_in_one_error_line(capsys, monkeypatch, tmp_path, argv, needle):
+    """Every command's user mistakes: exit status 2 and exactly one line, ``error: `` + what was wrong + the valid
+    values, on stderr; nothing on stdout."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DME_SWEEP_DIR", str(tmp_path / "sweeps"))
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert needle in err, err
+
+
+def test_dme_debug_shows_the_traceback():
+    """DME_DEBUG=1: the same mistake raises with its traceback (for bug reports), instead of the one line."""
+    env = {**os.environ, "DME_DEBUG": "1"}
+    out = subprocess.run([sys.executable, "-m", "distributed_me.cli", "attack", "--optimizer", "rmsprop"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
+    assert "UnknownNameError" in out.stderr and "rmsprop" in out.stderr
 
 
 def test_corrupt_bundle_is_a_clear_error(capsys, tmp_path):
