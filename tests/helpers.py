@@ -25,3 +25,27 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port``, from the kernel's tables (Linux ``/proc/net``):
+    ``{"127.0.0.1"}`` for a loopback-only server, ``{"0.0.0.0"}`` for one on every interface."""
+    import ipaddress
+    from pathlib import Path
+
+    found: set[str] = set()
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(words) if width == 8 else ipaddress.IPv6Address(words)
+            found.add(str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip))
+    return found

@@ -35,7 +35,7 @@ from distributed_me.data import (
 )
 from distributed_me.errors import DataNotFound, DmeError, UnknownNameError
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the repository
 
 
 @pytest.fixture(autouse=True)
@@ -387,7 +387,8 @@ def test_labeled_npz_as_pool_and_dataset_name_as_pool(tmp_path: Path) -> None:
     assert digits_pool.get([0], size=32, channels=3).shape == (1, 32, 32, 3)
 
 
-@pytest.mark.skipif(not (SHARED / "cifar10_train_10k.npz").exists(), reason="shared data not present")
+@pytest.mark.skipif(not (SHARED / "cifar10_train_10k.npz").exists(),
+                    reason=f"needs the shared data files in {SHARED}, absent here")
 def test_real_shared_files() -> None:
     ds = load_dataset(str(SHARED / "cifar10_train_10k.npz"))
     assert ds.image_shape == (32, 32, 3) and len(ds.train) == 10_000 and len(ds.test) == 2_000 and ds.num_classes == 10
