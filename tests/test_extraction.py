@@ -55,7 +55,8 @@ def test_random_extraction_end_to_end_and_fidelity_grows_with_budget(victim, eva
     assert small.queries_used == 200 and large.queries_used == 800
     assert large.fidelity > 0.35  # measured 0.45; chance is ~0.1 on ten balanced classes
     assert large.fidelity > small.fidelity + 0.1  # measured 0.23 -> 0.45
-    assert 0 <= large.adversarial_fidelity <= 1
+    # adversarial examples of the piracy model are where it and the victim part ways: measured 0.10 vs 0.44
+    assert 0 < large.adversarial_fidelity < large.fidelity - 0.2
     assert set(large.seconds) == {"setup", "selection", "query", "train", "eval", "total"}
     assert large.seconds["setup"] > 0 and large.victim_utility == pytest.approx(large.victim_accuracy)
     assert len(large.history) == 20
@@ -124,9 +125,15 @@ def test_every_registered_strategy_keeps_the_budget_contract(victim, evaluator, 
 
 
 def test_evaluator_counts_nothing_against_budget(victim):
-    x = torch.rand(5, *victim.input_shape)
-    ev = Evaluator(victim.predict_labels, x, torch.zeros(5, dtype=torch.long))
-    assert ev.victim_pred.shape == (5,)
+    """The judge's victim calls (test split, per-epoch and adversarial fidelity) never reach the attacker's oracle:
+    an extraction whose budget is exactly its queries ends with the oracle charged exactly that, nothing more."""
+    pool = _pool()
+    oracle = LocalOracle(victim, "probabilities", budget=30)
+    ev = evaluator_for(victim)
+    result = run_extraction(oracle, pool, AttackSpec(budget=30, arch="tiny_cnn", epochs=2, adv_eval_samples=20), ev,
+                            eval_every_epoch=True)
+    assert oracle.queries_used == result.queries_used == 30
+    assert torch.equal(ev.victim_pred, victim.predict_labels(ev.images))  # the judge asks the victim directly
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
