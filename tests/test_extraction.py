@@ -7,7 +7,7 @@ import torch
 from distributed_me.attacks import ATTACKS, QueryStrategy
 from distributed_me.data import ArrayPool
 from distributed_me.errors import DmeError
-from distributed_me.extraction import AttackSpec, Evaluator, run_extraction
+from distributed_me.extraction import AttackSpec, run_extraction
 from distributed_me.oracle import LocalOracle
 from distributed_me.runner import attack_in_process, evaluator_for
 from distributed_me.victims import load_victim
