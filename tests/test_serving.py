@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -377,3 +378,42 @@ def test_concurrent_batched_answers_go_back_to_their_own_client(service, victim)
             # float bits (seen 7e-8: CPU kernels block by batch size); another client's rows would differ by ~0.1-1
             np.testing.assert_allclose(scores, expected.scores, rtol=0, atol=1e-6)
             np.testing.assert_array_equal(labels, expected.labels)
+
+
+POLICIES_THROUGH_SERVE = {"topk": "topk:3", "round": "round:2", "quantize": "quantize:5", "noise": "noise:0.05",
+                          "rsig": "reverse_sigmoid", "chain": "round:2,topk:1"}
+
+
+def test_every_output_policy_answers_through_serve_as_in_process(service, victim):
+    """Each policy deployed as a real victim behind HTTP: every answer equals the same policy applied in process to
+    the same queries; ``noise`` too, given the deployment's seed (its generator runs per replica, over that replica's
+    requests in order)."""
+    from ray import serve
+
+    from distributed_me.http_oracle import HttpOracle
+    from distributed_me.oracle import LocalOracle
+    from distributed_me.serving.runtime import deploy
+
+    seed = 7
+    spec = {"query_log": str(Path(service["log"]).parent / "querylog-policies"),
+            "victims": [{"name": n, "source": "embedded", "output_policy": p, "policy_seed": seed, "num_cpus": 0.1,
+                         "num_replicas": 1} for n, p in POLICIES_THROUGH_SERVE.items()],
+            "clients": [{"key": "key-policies", "budget": None}]}
+    port = int(service["url"].rsplit(":", 1)[1])
+    deploy(spec, app_name="policies", route_prefix="/p", port=port)
+    try:
+        for name, policy in POLICIES_THROUGH_SERVE.items():
+            remote = HttpOracle(f"{service['url']}/p/v1/victims/{name}", "key-policies")
+            local = LocalOracle(victim, policy, seed=seed)
+            assert remote.info.returns == local.info.returns, name
+            for j, n in enumerate((5, 40, 1)):  # one after another: the noise generator's draws in the same order
+                x = _images(n, seed=2000 + j)
+                a, b = remote.query(x), local.query(x)
+                assert a.kind == b.kind and np.array_equal(a.labels, b.labels), (name, j)
+                if b.scores is not None:
+                    np.testing.assert_array_equal(a.scores, b.scores, err_msg=f"{name} request {j}")
+                if b.topk is not None:
+                    np.testing.assert_array_equal(np.sort(a.topk, axis=1), np.sort(b.topk, axis=1))
+            remote.close()
+    finally:
+        serve.delete("policies")
