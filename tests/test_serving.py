@@ -417,3 +417,37 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
             remote.close()
     finally:
         serve.delete("policies")
+
+
+def test_a_key_added_at_run_time_survives_the_accounting_replica(service, http):
+    """Sweep trials register their keys at run time. When the single accounting replica dies and Serve replaces it,
+    such a key still works, and its budget still counts the images answered before the restart."""
+    import ray
+    from ray import serve
+
+    key = "key-runtime-restart"
+    serve.get_deployment_handle("Accountant", "dme").add_client.remote(
+        {"key": key, "budget": 50, "victims": ["digits"]}).result()
+    assert _predict(http, "digits", _npy(_images(30, seed=77)), key=key).status_code == 200
+    (acc,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Accountant#" in a["name"]]
+    ray.kill(ray.get_actor(acc["name"], namespace=acc["namespace"]), no_restart=True)
+
+    def usage_back():
+        r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key})
+        return r.json() if r.status_code == 200 else None
+
+    usage = _wait_for_value(usage_back, 120, "the accounting replica to be replaced")
+    assert usage["used"] == 30 and usage["remaining"] == 20
+    assert _predict(http, "digits", _npy(_images(21, seed=78)), key=key).status_code == 429
+    assert _predict(http, "digits", _npy(_images(20, seed=79)), key=key).status_code == 200
+
+
+def _wait_for_value(fn, timeout: float, what: str):
+    t0 = time.monotonic()
+    while True:
+        value = fn()
+        if value is not None:
+            return value
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.25)

@@ -165,3 +165,26 @@ def test_invalid_batches_get_their_status(arr, status, needle):
     with pytest.raises(WireError) as e:
         validate_images(arr, (1, 4, 4), max_images=10)
     assert e.value.status == status and needle in e.value.detail
+
+
+def test_keys_added_at_run_time_survive_a_restart_with_their_usage(tmp_path):
+    """A sweep registers one key per trial at run time. After the accounting replica restarts (a new Ledger on the
+    same folder, with none of those keys in its configuration), such a key still works and its budget still counts
+    what was answered before; the secret itself is written nowhere."""
+    from distributed_me.serving.ledger import CLIENTS, Ledger, key_fingerprint
+    from distributed_me.serving.spec import Client
+
+    first = Ledger([], ["v1"], tmp_path / "log")
+    first.add_client(Client(key="trial-key-secret-1", budget=10, victims=["v1"]))
+    first.commit(first.reserve("trial-key-secret-1", "v1", 6).reservation, "h")
+    first.close()
+
+    again = Ledger([], ["v1"], tmp_path / "log")
+    assert again.usage("trial-key-secret-1", "v1") == {"status": 200, "victim": "v1", "used": 6, "budget": 10,
+                                                       "remaining": 4}
+    assert again.reserve("trial-key-secret-1", "v1", 5).status == 429
+    assert again.reserve("trial-key-secret-1", "v1", 4).ok
+    assert again.authorize("another-key-000", "v1").status == 401
+    written = b"".join(p.read_bytes() for p in (tmp_path / "log").iterdir() if p.is_file())
+    assert b"trial-key-secret-1" not in written
+    assert key_fingerprint("trial-key-secret-1") in (tmp_path / "log" / CLIENTS).read_text()

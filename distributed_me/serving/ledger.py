@@ -140,37 +140,65 @@ def read_query_log(folder: str | Path) -> pa.Table:
     return pa.concat_tables(parts).sort_by("time")
 
 
+CLIENTS = "clients.jsonl"
+
+
 class Ledger:
-    """API keys, budgets and in-flight reservations for every (key, victim) pair; thread-safe."""
+    """API keys, budgets and in-flight reservations for every (key, victim) pair; thread-safe.
+
+    Keys are held by fingerprint only (:func:`key_fingerprint`): a request's key is fingerprinted on arrival. Keys
+    added at run time (one per sweep trial) are appended to ``clients.jsonl`` in the log folder — fingerprint, budget,
+    victims, never the secret — so that a restarted accounting replica still knows them, and their usage, rebuilt
+    from the log like every key's, still counts against their budgets.
+    """
 
     def __init__(self, clients: list[Client], victims: list[str], log_folder: str | Path, flush_rows: int = 2048):
         self._lock = threading.Lock()
-        self._clients = {c.key: c for c in clients}
         self._victims = set(victims)
         self._log = QueryLog(log_folder, flush_rows)
+        self._clients_path = Path(log_folder) / CLIENTS
+        self._clients = {key_fingerprint(c.key): c for c in clients}
+        self._clients.update(self._runtime_clients())
         self._used: dict[tuple[str, str], int] = {}
         self._inflight: dict[str, tuple[str, str, int]] = {}
-        fingerprints = {key_fingerprint(k): k for k in self._clients}
         table = self._log.read()
         for fp, victim, count in zip(table["key"].to_pylist(), table["victim"].to_pylist(),
                                      table["count"].to_pylist()):
-            key = fingerprints.get(fp)
-            if key is not None:
-                self._used[(key, victim)] = self._used.get((key, victim), 0) + count
+            self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
         if len(table):
             log.info("ledger: rebuilt usage of %d keys from %d logged requests", len(self._used), len(table))
 
+    def _runtime_clients(self) -> dict[str, Client]:
+        """The keys added at run time before a restart (later lines replace earlier ones; a torn last line is
+        skipped, as in the journal)."""
+        out: dict[str, Client] = {}
+        if not self._clients_path.exists():
+            return out
+        for line in self._clients_path.read_text(encoding="utf-8").splitlines():
+            try:
+                d = json.loads(line)
+                out[d["fingerprint"]] = Client(key=d["fingerprint"], budget=d["budget"], victims=d["victims"])
+            except (json.JSONDecodeError, KeyError, ValueError):
+                log.warning("ledger %s: skipping an unreadable line", self._clients_path)
+        return out
+
     # ------------------------------------------------------------------ keys
     def add_client(self, client: Client) -> None:
-        """Add or replace an API key at run time (e.g. one per sweep trial)."""
+        """Add or replace an API key at run time (e.g. one per sweep trial); persisted before it takes effect."""
+        fp = key_fingerprint(client.key)
+        record = {"fingerprint": fp, "budget": client.budget, "victims": list(client.victims)}
         with self._lock:
-            self._clients[client.key] = client
+            self._clients_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._clients_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._clients[fp] = client
 
-    def authorize(self, key: str | None, victim: str) -> Decision:
-        """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)?"""
-        if not key:
+    def _authorize(self, fp: str | None, victim: str) -> Decision:
+        if fp is None:
             return Decision(401, "missing API key: send it in the X-API-Key header")
-        client = self._clients.get(key)
+        client = self._clients.get(fp)
         if client is None:
             return Decision(401, "unknown API key")
         if victim not in self._victims:
@@ -179,28 +207,33 @@ class Ledger:
             return Decision(403, f"this API key may not query victim {victim!r} (allowed: {', '.join(client.victims)})")
         return Decision(200)
 
+    def authorize(self, key: str | None, victim: str) -> Decision:
+        """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)?"""
+        return self._authorize(key_fingerprint(key) if key else None, victim)
+
     # ------------------------------------------------------------------ budget
-    def _remaining(self, key: str, victim: str) -> int | None:
-        budget = self._clients[key].budget
+    def _remaining(self, fp: str, victim: str) -> int | None:
+        budget = self._clients[fp].budget
         if budget is None:
             return None
-        held = sum(n for k, v, n in self._inflight.values() if k == key and v == victim)
-        return budget - self._used.get((key, victim), 0) - held
+        held = sum(n for k, v, n in self._inflight.values() if k == fp and v == victim)
+        return budget - self._used.get((fp, victim), 0) - held
 
     def reserve(self, key: str | None, victim: str, count: int) -> Decision:
         """Grant ``count`` images or refuse them all (429): nothing is partially answered."""
+        fp = key_fingerprint(key) if key else None
         with self._lock:
-            d = self.authorize(key, victim)
+            d = self._authorize(fp, victim)
             if not d.ok:
                 return d
-            assert key is not None
-            remaining = self._remaining(key, victim)
+            assert fp is not None
+            remaining = self._remaining(fp, victim)
             if remaining is not None and count > remaining:
-                budget = self._clients[key].budget
+                budget = self._clients[fp].budget
                 return Decision(429, f"query budget exhausted: {count} images requested but only {max(remaining, 0)}"
                                      f" of {budget} remain for this key on victim {victim!r}")
             rid = uuid.uuid4().hex
-            self._inflight[rid] = (key, victim, count)
+            self._inflight[rid] = (fp, victim, count)
             return Decision(200, reservation=rid)
 
     def commit(self, reservation: str, input_hash: str) -> None:
@@ -210,9 +243,9 @@ class Ledger:
             if entry is None:
                 log.warning("ledger: commit of unknown or already settled reservation %s", reservation)
                 return
-            key, victim, count = entry
-            self._used[(key, victim)] = self._used.get((key, victim), 0) + count
-            self._log.append({"request_id": reservation, "key": key_fingerprint(key), "victim": victim,
+            fp, victim, count = entry
+            self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
+            self._log.append({"request_id": reservation, "key": fp, "victim": victim,
                               "time": time.time_ns() // 1000, "count": count, "input_hash": input_hash})
 
     def release(self, reservation: str) -> None:
@@ -221,14 +254,15 @@ class Ledger:
             self._inflight.pop(reservation, None)
 
     def usage(self, key: str | None, victim: str) -> dict:
+        fp = key_fingerprint(key) if key else None
         with self._lock:
-            d = self.authorize(key, victim)
+            d = self._authorize(fp, victim)
             if not d.ok:
                 return {"status": d.status, "detail": d.detail}
-            assert key is not None
-            remaining = self._remaining(key, victim)
-            return {"status": 200, "victim": victim, "used": self._used.get((key, victim), 0),
-                    "budget": self._clients[key].budget, "remaining": remaining}
+            assert fp is not None
+            remaining = self._remaining(fp, victim)
+            return {"status": 200, "victim": victim, "used": self._used.get((fp, victim), 0),
+                    "budget": self._clients[fp].budget, "remaining": remaining}
 
     def flush(self) -> None:
         with self._lock:
