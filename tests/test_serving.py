@@ -432,11 +432,17 @@ def test_a_key_added_at_run_time_survives_the_accounting_replica(service, http):
     (acc,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Accountant#" in a["name"]]
     ray.kill(ray.get_actor(acc["name"], namespace=acc["namespace"]), no_restart=True)
 
-    def usage_back():
-        r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key})
-        return r.json() if r.status_code == 200 else None
+    def replaced():  # a new accounting replica, running, that answers usage at all (any key's status)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Accountant#" in a["name"]]
+        if not names or names == [acc["name"]] or _serve_replicas("Accountant") != 1:
+            return None
+        r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": "key-unlimited"})
+        return r if r.status_code == 200 else None
 
-    usage = _wait_for_value(usage_back, 120, "the accounting replica to be replaced")
+    _wait_for_value(replaced, 120, "the accounting replica to be replaced")
+    r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key})
+    assert r.status_code == 200, r.text  # the run-time key is known to the new replica
+    usage = r.json()
     assert usage["used"] == 30 and usage["remaining"] == 20
     assert _predict(http, "digits", _npy(_images(21, seed=78)), key=key).status_code == 429
     assert _predict(http, "digits", _npy(_images(20, seed=79)), key=key).status_code == 200
