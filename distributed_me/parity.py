@@ -102,6 +102,13 @@ def where_label(where: Mapping[str, Any], skip: Iterable[str] = ()) -> str:
     return ", ".join(f"{k}={where[k]}" for k in FACTORS if k in where and k not in skip)
 
 
+def _one_of(kind: str, value: str, allowed: tuple[str, ...]) -> str:
+    """A validator's check: ``value`` is one of ``allowed``, else the error names both."""
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class _Strict(BaseModel):
     """extra="forbid", with a message that lists the allowed fields."""
 
@@ -133,9 +140,7 @@ class PaperCell(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if v not in METRIC_NAMES:
-            raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(METRIC_NAMES)}")
-        return v
+        return _one_of("metric", v, METRIC_NAMES)
 
     @field_validator("where")
     @classmethod
@@ -175,9 +180,7 @@ class Ordering(_Strict):
     @field_validator("factor")
     @classmethod
     def _factor(cls, v: str) -> str:
-        if v not in FACTORS:
-            raise ValueError(f"unknown factor {v!r}; allowed: {', '.join(FACTORS)}")
-        return v
+        return _one_of("factor", v, FACTORS)
 
 
 class PaperTable(_Strict):
