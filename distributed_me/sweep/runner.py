@@ -1,14 +1,20 @@
 """``dme sweep``: a validated SweepSpec → victims on Serve → one Tune trial per factor combination → MLflow.
 
 The driver
-1. validates the spec (before Ray starts) and keeps a copy in the sweep folder (``$DME_HOME/sweeps/NAME``);
-2. joins or starts a Ray cluster (on 127.0.0.1 when private) and deploys one Serve application for the sweep: one
-   victim deployment per victim × output policy, shared by every trial, plus the accounting replica;
-3. opens the MLflow parent run (spec artifact, git commit, package versions, cluster resources);
-4. runs a Tune grid (or an Optuna search, optionally with ASHA) with per-trial resources — GPUs only when the
-   cluster has them — and retries failed trials; ``--resume NAME`` restores the Tune experiment instead, so finished
-   trials are not run again;
-5. closes the parent run with a summary and returns one row per trial.
+1. validates the spec (before Ray starts; plugins imported first) and keeps a copy in the sweep folder
+   (``$DME_HOME/sweeps/NAME``);
+2. joins or starts a Ray cluster (on 127.0.0.1 when private) and opens the MLflow parent run (spec artifact, git
+   commit, package versions, cluster resources);
+3. starts deploying one Serve application for the sweep — one victim deployment per victim × output policy, shared by
+   every trial, plus the accounting replica — in the background: Tune starts the trials meanwhile, and each trial
+   waits for the app only before its first query;
+4. runs every grid strategy's once-per-sweep ``prepare`` step (:func:`prepare_strategies`), whose products the trials
+   receive as options;
+5. runs a Tune grid, longest trials first (or an Optuna search, optionally with ASHA) with per-trial resources — GPUs
+   only when the cluster has them, custom resources to place them — and retries failed trials; ``--resume NAME``
+   restores the Tune experiment instead, so finished trials are not run again;
+6. ends the runs of attempts whose worker died, closes the parent run with a summary (and the sweep's own phases,
+   ``sweep_seconds_*``) and returns one row per trial.
 """
 
 from __future__ import annotations
