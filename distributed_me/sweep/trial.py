@@ -1,18 +1,22 @@
 """One sweep trial, as a Ray Tune function trainable: an attacker with its own API key against a served victim.
 
-The trial gets its factor combination and the sweep context in ``config``, registers a fresh API key with the sweep's
-accounting replica (budget = the trial's budget, only for its victim × policy deployment), then runs the very
+The trial gets its factor combination and the sweep context in ``config``. It looks up MLflow for a FINISHED run of
+the same combination (a resumed sweep, or a retry whose first attempt finished unseen: never run twice), opens its
+child run (tagged with the node it runs on), loads the judge and the pool, waits for the sweep's Serve app (it may
+still be deploying when the first trials start), registers a fresh API key with the accounting replica (budget = the
+trial's budget, only for its victim × policy deployment), then runs the very
 :func:`~distributed_me.extraction.run_extraction` that ``dme attack`` runs — through a
 :class:`~distributed_me.serving.clients.HandleOracle`, never the victim's weights. The victim bundle is loaded here
 only as the benchmark's judge (test split and unmetered top-1 for fidelity), as in ``dme attack``.
 
 Every epoch is reported to Tune (ASHA stops on it) and to the trial's MLflow child run; the final report carries the
-result schema (:data:`~distributed_me.extraction.METRIC_NAMES`), and the piracy model is logged as an artifact.
-A retried trial is a new attempt with a new key and a new child run; the failed attempt's run stays FAILED.
+result schema (:data:`~distributed_me.extraction.METRIC_NAMES`) plus the harness's own steps (``harness_*``,
+``seconds_harness``), and the piracy model is logged as an artifact. A retried trial is a new attempt with a new key
+and a new child run; the failed attempt's run stays FAILED (or KILLED, when its worker died).
 
-Harness cost per trial is kept small: the driver validated the spec once, so a trial rebuilds it without validation
-(``model_construct`` of the validated dump); judge, pool and Serve handles are cached per worker process, and Tune
-reuses workers between trials; MLflow gets one batched call per epoch and one at the end.
+Harness cost per trial is kept small: the driver validated the spec once, so a trial reads the validated dump as it
+is; judge, pool, the MLflow client and the app's readiness are cached per worker process, and Tune reuses workers
+between trials; MLflow gets one batched call per epoch and one at the end.
 """
 
 from __future__ import annotations
