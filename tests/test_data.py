@@ -80,14 +80,6 @@ def test_default_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert default_root() == Path.home() / ".cache" / "distributed_me" / "data"
 
 
-def test_core_does_not_import_ray() -> None:
-    import subprocess
-    import sys
-
-    code = "import sys, distributed_me.data; assert 'ray' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 # ---------------------------------------------------------------- torchvision sets on fabricated files
 
 

@@ -6,7 +6,6 @@ One application for the module: ``digits`` (2 replicas, probabilities), ``digits
 
 import json
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,16 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import free_port, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
 BUDGET_KEY, BUDGET = "key-budget-50", 50
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spec(log_dir: str) -> dict:
@@ -60,7 +54,7 @@ def service(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("DME_HOME", "MLFLOW_TRACKING_URI")}
     os.environ["DME_HOME"] = str(base / "dme-home")  # the session's embedded victim; Ray workers inherit it
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
-    port = _free_port()
+    port = free_port()
     log_dir = str(base / "querylog")
     init_ray(num_cpus=2)
     deploy(_spec(log_dir), port=port)
@@ -439,21 +433,10 @@ def test_a_key_added_at_run_time_survives_the_accounting_replica(service, http):
         r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": "key-unlimited"})
         return r if r.status_code == 200 else None
 
-    _wait_for_value(replaced, 120, "the accounting replica to be replaced")
+    wait_for(replaced, 120, "the accounting replica to be replaced", every=0.25)
     r = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key})
     assert r.status_code == 200, r.text  # the run-time key is known to the new replica
     usage = r.json()
     assert usage["used"] == 30 and usage["remaining"] == 20
     assert _predict(http, "digits", _npy(_images(21, seed=78)), key=key).status_code == 429
     assert _predict(http, "digits", _npy(_images(20, seed=79)), key=key).status_code == 200
-
-
-def _wait_for_value(fn, timeout: float, what: str):
-    t0 = time.monotonic()
-    while True:
-        value = fn()
-        if value is not None:
-            return value
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
