@@ -124,9 +124,11 @@ class LocalOracle:
         budget: int | None = None,
         name: str = "victim",
         seed: int = 0,
+        stream: str = "",
     ):
         self._victim = victim
         self._policy = parse_policy(policy, seed=seed)
+        self._stream = stream  # the client's name in randomized policies' draws (Serve uses the key's fingerprint)
         self._meter = Meter(budget)
         self.info = OracleInfo(
             name=name,
@@ -153,7 +155,7 @@ class LocalOracle:
         self._meter.reserve(len(x))
         try:
             probs = self._victim.predict_probs(x).cpu().numpy()
-            return self._policy(probs)
+            return self._policy(probs, queries=x.numpy(), stream=self._stream)
         except BaseException:
             self._meter.release(len(x))
             raise

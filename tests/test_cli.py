@@ -25,10 +25,13 @@ def test_attack_json_on_embedded_default(capsys):
                        "--arch", "tiny_cnn")
     assert code == 0
     r = json.loads(out)
-    from distributed_me.extraction import METRIC_NAMES
+    from distributed_me.extraction import METRIC_NAMES, TIME_NAMES
 
     assert set(METRIC_NAMES) <= set(r)  # the one result schema, every phase timed (setup included)
-    assert r["queries_used"] == 200 and r["budget"] == 200 and r["seconds_setup"] > 0
+    assert r["queries_used"] == 200 and r["budget"] == 200
+    phases = [r[t] for t in TIME_NAMES if t != "seconds_total"]
+    assert all(p > 0 for p in phases) and sum(phases) <= r["seconds_total"]  # disjoint phases inside the total
+    assert r["victim_accuracy"] > 0.9 and 0 < r["accuracy"] <= 1  # the embedded victim is 0.99 accurate
     assert r["victim_utility"] == pytest.approx(r["victim_accuracy"])  # full probabilities: the API's top-1
     assert r["spec"]["arch"] == "tiny_cnn" and r["spec"]["epochs"] == 2 and r["spec"]["optimizer"] == "adam"
 

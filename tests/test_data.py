@@ -10,7 +10,6 @@ import io
 import os
 import pickle
 import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -193,11 +192,22 @@ def test_default_root_used_when_no_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["cifar10", "svhn", "gtsrb"])
-def test_offline_download_fails_fast_with_alternative(tmp_path: Path, name: str) -> None:
-    start = time.monotonic()
+def test_offline_download_fails_fast_with_alternative(tmp_path: Path, name: str, monkeypatch) -> None:
+    """"Fast" without a stopwatch: every connection the download opens is bounded by DOWNLOAD_TIMEOUT_S (torchvision's
+    urllib calls pass no timeout of their own), and the refused connection becomes the error naming the local files."""
+    from distributed_me.data.torchvision_sets import DOWNLOAD_TIMEOUT_S
+
+    attempts: list[float | None] = []
+
+    def refused(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, *args, **kwargs):  # what an offline machine does
+        attempts.append(socket.getdefaulttimeout() if timeout is socket._GLOBAL_DEFAULT_TIMEOUT else timeout)
+        raise OSError(f"network unreachable (test): {address}")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
     with pytest.raises(DataNotFound) as err:
         load_dataset(name, root=str(tmp_path), download=True)
-    assert time.monotonic() - start < 10
+    assert attempts and all(t is not None and t <= DOWNLOAD_TIMEOUT_S for t in attempts), attempts
+    assert socket.getdefaulttimeout() is None  # the bound is lifted again afterwards
     msg = str(err.value)
     assert "could not download" in msg and str(tmp_path) in msg and ".npz" in msg
 
@@ -419,13 +429,10 @@ def test_photos_pool_deterministic_and_adaptable() -> None:
     assert pool.get([0, 1, 2], size=16, channels=1).shape == (3, 16, 16, 1)
 
 
-def test_photos_default_pool_size_and_speed() -> None:
+def test_photos_default_pool_size_and_shape() -> None:
     embedded._cached_crops.cache_clear()
-    start = time.monotonic()
-    pool = load_pool("photos")
-    elapsed = time.monotonic() - start
+    pool = load_pool("photos")  # its speed is measured by `dme bench`, not asserted here
     assert len(pool) == 20_000 and pool.get([0]).shape == (1, 32, 32, 3) and pool.labels is None
-    assert elapsed < 15
 
 
 # ---------------------------------------------------------------- image folders

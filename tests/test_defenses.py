@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -118,9 +120,18 @@ def test_quantize_keeps_the_victims_label_on_ties():
 
 
 # ---------------------------------------------------------------- noise
-def test_noise_is_gaussian_then_clipped_and_renormalized_from_the_chain_seed():
-    out = parse_policy("noise:0.1", seed=7)(P).scores
-    noise = np.random.default_rng(7).normal(0.0, 0.1, size=P.shape)
+def _row_noise(seed: int, stream: str, row: np.ndarray, c: int, std: float) -> np.ndarray:
+    """The documented keying, written out by hand: blake2b digests as little-endian 64-bit words."""
+    def words(data: bytes, n: int) -> list[int]:
+        d = hashlib.blake2b(data, digest_size=8 * n).digest()
+        return [int.from_bytes(d[8 * i : 8 * i + 8], "little") for i in range(n)]
+    return np.random.default_rng([seed, *words(stream.encode(), 1), *words(row.tobytes(), 2)]).normal(0.0, std, c)
+
+
+def test_noise_is_gaussian_keyed_per_row_then_clipped_and_renormalized():
+    queries = np.random.default_rng(0).random((3, 1, 4, 4), dtype=np.float32)
+    out = parse_policy("noise:0.1", seed=7)(P, queries=queries, stream="sha256:abc").scores
+    noise = np.stack([_row_noise(7, "sha256:abc", q, P.shape[1], 0.1) for q in queries])
     expected = np.clip(P.astype(np.float64) + noise, 0.0, None)
     expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -136,6 +147,26 @@ def test_noise_zero_std_is_identity_and_seeds_reproduce():
     assert not np.allclose(a, c)
 
 
+def test_noise_row_depends_on_its_query_and_key_not_on_its_batch_or_history():
+    """A row's draws are a function of (seed, key, image): batch-mates, order and earlier calls change nothing; another
+    key or another image gets another draw."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+    queries = rng.random((6, 3, 8, 8), dtype=np.float32)
+    chain = parse_policy("noise:0.1", seed=3)
+    whole = chain(probs, queries=queries, stream="k1").scores
+    chain(probs[:2], queries=queries[:2], stream="k1")  # history must not matter
+    perm = np.array([5, 2, 0, 4, 1, 3])
+    shuffled = chain(probs[perm], queries=queries[perm], stream="k1").scores
+    np.testing.assert_array_equal(shuffled, whole[perm])
+    np.testing.assert_array_equal(chain(probs[3:4], queries=queries[3:4], stream="k1").scores, whole[3:4])
+    other_key = chain(probs, queries=queries, stream="k2").scores
+    assert not np.isclose(other_key, whole, atol=1e-4).all(axis=1).any()
+    moved = queries.copy()
+    moved[:, 0, 0, 0] += 1e-3
+    assert not np.isclose(chain(probs, queries=moved, stream="k1").scores, whole, atol=1e-4).all(axis=1).any()
+
+
 def test_noise_rows_sum_to_one_without_negatives_and_label_follows_noise():
     big = np.tile(P, (50, 1))
     a = parse_policy("noise:0.3", seed=3)(big)
@@ -148,7 +179,8 @@ def test_noise_rows_sum_to_one_without_negatives_and_label_follows_noise():
 def test_noise_empirical_std_matches_parameter():
     # 100 classes at 0.01, std 0.001: no clipping (10 sigma) and renormalization moves scores by ~1e-4 only
     clean = np.full((200, 100), 0.01, dtype=np.float32)
-    diff = parse_policy("noise:0.001", seed=0)(clean).scores.astype(np.float64) - clean
+    queries = np.arange(200, dtype=np.float32).reshape(200, 1, 1, 1)  # 200 distinct images: 200 independent draws
+    diff = parse_policy("noise:0.001", seed=0)(clean, queries=queries).scores.astype(np.float64) - clean
     assert abs(diff.mean()) < 5e-5
     assert 0.00095 < diff.std() < 0.00105
 

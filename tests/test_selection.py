@@ -6,7 +6,6 @@ Everything here is tiny NumPy work: no models, no Ray, well under a second per t
 from __future__ import annotations
 
 import math
-import time
 import tracemalloc
 
 import numpy as np
@@ -194,15 +193,12 @@ def test_swifttheft_memory_is_linear():
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        t0 = time.perf_counter()
         out = swifttheft_select(X, 1500, 100, 100, np.random.default_rng(0))
-        elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(set(out.tolist())) == 1500
     assert peak < 4 * X.nbytes, (peak, X.nbytes)  # an N x N float matrix alone would be 5000x X.nbytes
-    assert elapsed < 1.0
 
 
 # ------------------------------------------------------------------------------------------------- helper
@@ -273,12 +269,9 @@ def test_kcenter_memory_is_linear():
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
-        t0 = time.perf_counter()
         out = kcenter_greedy(X, already, 40)
-        elapsed = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(set(out.tolist()) - set(already.tolist())) == 40
     assert peak < 4 * X.nbytes, (peak, X.nbytes)
-    assert elapsed < 1.0

@@ -92,7 +92,10 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
         assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert t.data.tags["dme.attack"] == "random" and t.data.tags["dme.budget"] == "60"
         assert t.data.metrics["queries_used"] == 60
-        assert 0 <= t.data.metrics["adversarial_fidelity"] <= 1
+        (row,) = [r for r in out.rows if (r["optimizer"], r["policy"]) == (t.data.params["optimizer"],
+                                                                          t.data.params["policy"])]
+        for name in ("accuracy", "fidelity", "adversarial_fidelity", "victim_accuracy", "victim_utility"):
+            assert t.data.metrics[name] == pytest.approx(row[name]), name  # MLflow holds what the trial measured
         assert t.data.metrics["victim_utility"] > 0.9  # probabilities and label keep the victim's top-1
         per_epoch = c.get_metric_history(t.info.run_id, "train_loss")
         assert sorted(m.step for m in per_epoch) == [1, 2]
@@ -107,22 +110,38 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert "sgd" in report.table and "label" in report.table
 
 
-def test_failed_trials_leave_failed_runs_with_the_error(sweep_env):
-    from distributed_me.sweep.runner import run_sweep
-    from distributed_me.sweep.spec import parse_sweep
+def test_failed_trials_leave_failed_runs_exit_1_and_fresh_starts_again(sweep_env):
+    """Through the real `dme sweep`: a sweep whose trials fail exits 1 and names each failure; the same name again is
+    one `error:` line, exit 2, nothing run; `--fresh` runs it again from scratch."""
+    spec = sweep_env["dir"] / "fails.yaml"
+    spec.write_text(yaml.safe_dump(_doc("fails", pool_options={"n": 40}, attack={"optimizer": "adam"},
+                                        policies=["probabilities"], retries=1)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = ["sweep", str(spec), "--num-cpus", "2", "-q"]
 
-    doc = _doc("fails", pool_options={"n": 40}, attack={"optimizer": "adam"}, policies=["probabilities"], retries=1)
-    try:
-        out = run_sweep(parse_sweep(doc), num_cpus=2)
-    finally:
-        _shutdown_ray()
-    assert len(out.errors) == 1 and out.rows == []
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        proc = _dme([*argv, *extra], env)
+        out, _ = proc.communicate(timeout=600)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+    first = run()
+    assert first.returncode == 1, first.stdout[-3000:]
+    assert "1 failed" in first.stdout and "budget 60 is larger than the pool" in first.stdout
     trials = _runs(sweep_env["uri"], "fails")
     assert len(trials) == 2  # the attempt and its one retry
     for t in trials:
         assert t.info.status == "FAILED" and "larger than the pool" in t.data.tags["dme.error"]
     (parent,) = _runs(sweep_env["uri"], "fails", "sweep")
     assert parent.info.status == "FAILED"
+
+    again = run()
+    assert again.returncode == 2 and again.stdout.startswith("error: sweep 'fails' already exists"), again.stdout
+    assert again.stdout.count("\n") == 1 and "--fresh" in again.stdout and "--resume fails" in again.stdout
+    assert len(_runs(sweep_env["uri"], "fails")) == 2
+
+    fresh = run("--fresh")
+    assert fresh.returncode == 1, fresh.stdout[-3000:]
+    assert len(_runs(sweep_env["uri"], "fails")) == 4 and len(_runs(sweep_env["uri"], "fails", "sweep")) == 2
 
 
 def test_optuna_search_with_asha(sweep_env):

@@ -13,6 +13,7 @@ policy's first parameter, ``name:field=value`` any of them).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,7 +36,7 @@ class OutputPolicy(BaseModel):
     #: transforms that never change which class has the top score (rounding, quantization) keep the victim's label
     preserves_argmax: ClassVar[bool] = True
 
-    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         return scores
 
     def format(self, scores: np.ndarray, labels: np.ndarray) -> Answer:
@@ -102,7 +103,7 @@ class Round(OutputPolicy):
     name: ClassVar[str] = "round"
     decimals: int = Field(2, ge=0, le=8)
 
-    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         return np.round(scores, self.decimals)
 
 
@@ -124,7 +125,7 @@ class Quantize(OutputPolicy):
     name: ClassVar[str] = "quantize"
     intervals: int = Field(5, ge=1, description="number of equal-width bins over [0, 1]")
 
-    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         n = self.intervals
         # round in bin units first so float32 representation error at an edge does not drop a score one bin down
         idx = np.floor(np.round(np.asarray(scores, dtype=np.float64) * n, 6))
@@ -139,7 +140,8 @@ class Noise(OutputPolicy):
     Defends against attacks that distil the victim's exact confidence vector (and against equation-solving on it):
     every answer carries ``N(0, std²)`` noise per class, the classic output-perturbation baseline (ART's
     postprocessors perturb outputs the same way; cf. Lee et al., S&P Workshops 2019, §II). The noise comes from the
-    chain's generator, so a chain built with the same seed answers the same query sequence identically. A row
+    chain's :class:`RowStreams`: a row's noise depends on the chain's seed, the client's key and the queried image
+    only, so a key gets the same answer to the same image on any replica, whatever else shares its batch. A row
     whose every score clips to 0 falls back to the original row.
 
     ``std``: standard deviation of the noise, in probability units (≥ 0; default 0.05; 0 leaves a normalized row
@@ -150,7 +152,7 @@ class Noise(OutputPolicy):
     preserves_argmax: ClassVar[bool] = False
     std: float = Field(0.05, ge=0, description="standard deviation of the Gaussian noise added to each score")
 
-    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         clean = np.asarray(scores, dtype=np.float64)
         noisy = np.clip(clean + rng.normal(0.0, self.std, size=clean.shape), 0.0, None)
         total = noisy.sum(axis=1, keepdims=True)
@@ -194,7 +196,7 @@ class ReverseSigmoid(OutputPolicy):
         r = self.beta * (1.0 / (1.0 + np.exp(-self.gamma * np.log(yc / (1.0 - yc)))) - 0.5)
         return np.clip(y - r, 0.0, 1.0)
 
-    def transform(self, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         y = np.asarray(scores, dtype=np.float64)
         if y.shape[1] == 1:
             num = self._perturbed(y)
@@ -206,6 +208,32 @@ class ReverseSigmoid(OutputPolicy):
         out = num / np.where(total > 0, total, 1.0)
         out[dead] = y[dead]
         return out.astype(np.float32)
+
+
+def _u64s(data: bytes, words: int) -> list[int]:
+    digest = hashlib.blake2b(data, digest_size=8 * words).digest()
+    return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") for i in range(words)]
+
+
+class RowStreams:
+    """A ``numpy.random.Generator``-like source whose row ``i`` draws from its own generator, seeded by
+    ``(seed, stream, blake2b(rows[i]))``. Only ``normal`` is offered (what the registered transforms use); a transform
+    that needs another distribution adds it here, keeping the per-row keying."""
+
+    def __init__(self, seed: int, stream: str, rows: np.ndarray):
+        self._prefix = [int(seed) & (2**64 - 1), *_u64s(stream.encode(), 1)]
+        self._rows = np.ascontiguousarray(rows).reshape(len(rows), -1)
+
+    def _rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([*self._prefix, *_u64s(self._rows[i].tobytes(), 2)])
+
+    def normal(self, loc: float, scale: float, size: tuple[int, int]) -> np.ndarray:
+        n, c = size
+        if n != len(self._rows):
+            raise ValueError(f"RowStreams keyed on {len(self._rows)} rows asked for {n}")
+        if n == 0:
+            return np.zeros((0, c))
+        return np.stack([self._rng(i).normal(loc, scale, c) for i in range(n)])
 
 
 class PolicyChain:
@@ -221,7 +249,7 @@ class PolicyChain:
                     f"(got {', '.join(q.name for q in policies)})"
                 )
         self.transforms, self.formatter = policies[:-1], policies[-1]
-        self._rng = np.random.default_rng(seed)
+        self.seed = seed
 
     @property
     def policies(self) -> list[OutputPolicy]:
@@ -237,12 +265,20 @@ class PolicyChain:
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": p.name, **p.model_dump()} for p in self.policies]
 
-    def __call__(self, probs: np.ndarray) -> Answer:
-        """Apply the chain to a batch of victim probabilities (N, C)."""
+    def __call__(self, probs: np.ndarray, queries: np.ndarray | None = None, stream: str = "") -> Answer:
+        """Apply the chain to a batch of victim probabilities (N, C).
+
+        ``queries`` are the N images the probabilities answer (what randomized transforms key each row's draws on;
+        without them, the probability rows themselves are the key) and ``stream`` names the client (the API key's
+        fingerprint behind Serve; ``""`` in process), see :class:`RowStreams`.
+        """
         probs = np.asarray(probs, dtype=np.float32)
+        if queries is not None and len(queries) != len(probs):
+            raise ValueError(f"{len(queries)} queries for {len(probs)} answers")
+        rows = RowStreams(self.seed, stream, probs if queries is None else np.asarray(queries))
         scores = probs
         for t in self.transforms:
-            scores = t.transform(scores, self._rng)
+            scores = t.transform(scores, rows)
         if all(t.preserves_argmax for t in self.transforms):
             labels = probs.argmax(axis=1)
         else:

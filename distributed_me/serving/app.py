@@ -36,7 +36,7 @@ from ..http_oracle import API_KEY_HEADER
 from ..oracle import OracleInfo
 from ..victims import load_victim, victim_bundle_path
 from ..wire import WireError, decode_body, input_hash, validate_images
-from .ledger import Ledger
+from .ledger import Ledger, key_fingerprint
 from .spec import Client, ServeSpec, VictimService, parse_serve_spec
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,13 @@ class VictimReplica:
         probs = self.victim.predict_probs(x).numpy()
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
-    async def predict(self, images: np.ndarray) -> dict:
-        """Float32 NCHW in [0, 1] (already validated by the ingress) → the defended answer as JSON."""
+    async def predict(self, images: np.ndarray, stream: str = "") -> dict:
+        """Float32 NCHW in [0, 1] (already validated by the ingress) → the defended answer as JSON. ``stream`` is the
+        client's key fingerprint: randomized policies key their draws on it and on each image (``RowStreams``)."""
         step = self.svc.max_batch_size
         chunks = [images[i : i + step] for i in range(0, len(images), step)]
         probs = np.concatenate(await asyncio.gather(*(self._forward(c) for c in chunks)))
-        return self.policy(probs).to_json()
+        return self.policy(probs, queries=images, stream=stream).to_json()
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -192,7 +193,7 @@ class Ingress:
         if status != 200:
             return status, {"detail": detail}
         try:
-            body = await self.victims[victim].predict.remote(x.numpy())
+            body = await self.victims[victim].predict.remote(x.numpy(), key_fingerprint(key) if key else "")
         except Exception as e:  # a replica died or failed: nothing was answered, so nothing is charged
             await self.accountant.release.remote(reservation)
             log.warning("victim %s failed a request: %s", victim, e)
