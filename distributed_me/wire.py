@@ -23,6 +23,8 @@ from .errors import DmeError
 from .oracle import validate_batch
 
 NPY_TYPES = ("application/x-npy", "application/octet-stream")
+#: an .npy header describes dtype, order and shape in well under a kilobyte; numpy's own cap is 10,000 bytes
+MAX_NPY_HEADER = 4096
 JSON_TYPE = "application/json"
 
 
@@ -51,17 +53,24 @@ def decode_body(body: bytes, content_type: str | None) -> np.ndarray:
     if not body:
         raise WireError(400, "empty request body: send a batch of images (application/x-npy or application/json)")
     if ctype in NPY_TYPES:
+        stream = io.BytesIO(body)
         try:
-            arr = np.load(io.BytesIO(body), allow_pickle=False)
+            arr = np.load(stream, allow_pickle=False, max_header_size=MAX_NPY_HEADER)
         except Exception as e:  # ValueError for pickles and bad headers, EOFError/OSError for truncation
             raise WireError(400, f"body is not a numpy .npy array ({type(e).__name__}: {e})") from None
         if not isinstance(arr, np.ndarray):
             raise WireError(400, "body must hold one .npy array, not an .npz archive")
+        if stream.tell() != len(body):
+            raise WireError(400, f"{len(body) - stream.tell()} bytes after the .npy array: send exactly one array")
     elif ctype == JSON_TYPE:
         try:
             doc = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WireError(400, f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise WireError(400, "JSON nested too deeply: images are 4-D (N, C, H, W or N, H, W, C)") from None
+        except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+            raise WireError(400, f"body holds a number out of range ({e})") from None
         if not isinstance(doc, dict) or "images" not in doc:
             raise WireError(422, 'JSON body must be an object {"images": [...], "dtype": "float32" | "uint8"}')
         dtype = doc.get("dtype", "float32")
@@ -71,6 +80,8 @@ def decode_body(body: bytes, content_type: str | None) -> np.ndarray:
             arr = np.asarray(doc["images"], dtype=np.float64)
         except (ValueError, TypeError) as e:
             raise WireError(422, f"'images' must be a rectangular nested list of numbers ({e})") from None
+        except (OverflowError, RecursionError):
+            raise WireError(422, "'images' holds a number too large for a float, or nests too deeply") from None
         if dtype == "uint8":
             if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.all(arr == np.round(arr))):
                 raise WireError(422, "uint8 images must hold whole numbers in [0, 255]")
