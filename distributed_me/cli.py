@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         deploy(spec.model_dump(), host=host, port=port, app_name=args.app_name)
         base = f"http://{host}:{port}"
         rows = [(v.name, f"{base}/v1/victims/{v.name}  (policy {v.output_policy})") for v in spec.victims]
-        rows += [("API docs", f"{base}/docs"), ("query log", str(Path(spec.query_log).resolve()))]
+        rows += [("API docs", f"{base}/docs"), ("query log", str(spec.query_log_path()))]
         rows += [(f"key {c.key[:4]}…", f"budget {c.budget if c.budget is not None else 'unlimited'} per victim, "
                                       f"victims {', '.join(c.victims)}") for c in spec.clients]
         print(_table(rows, f"serving application {args.app_name!r}"), flush=True)

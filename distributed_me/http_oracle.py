@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,12 +36,38 @@ def oracle_info(d: dict) -> OracleInfo:
                       returns=d["returns"], policy=list(d.get("policy", [])))
 
 
+#: how a 429 for too many requests in flight begins (a 429 without it means the budget is spent)
+CONCURRENCY_DETAIL = "too many concurrent requests"
+
+
+def retryable(status: int, body: dict) -> bool:
+    """503 (victim or accounting lost; nothing charged) and 429 for concurrency: the same request may be sent again."""
+    detail = str(body.get("detail", "")) if isinstance(body, dict) else ""
+    return status == 503 or (status == 429 and detail.startswith(CONCURRENCY_DETAIL))
+
+
+def send_with_retries(send: Callable[[], tuple[int, dict]], victim: str, attempts: int = 4,
+                      first_delay_s: float = 0.5) -> dict:
+    """``send()`` until it is answered or refused for good; a retryable refusal is tried again with backoff (safe:
+    the API charges nothing it did not answer)."""
+    delay = first_delay_s
+    for attempt in range(attempts):
+        status, body = send()
+        if not retryable(status, body) or attempt == attempts - 1:
+            break
+        log.info("victim %s: HTTP %d, retrying in %.1f s (%s)", victim, status, delay, body.get("detail", ""))
+        time.sleep(delay)
+        delay *= 2
+    raise_for(status, body, victim)
+    return body
+
+
 def raise_for(status: int, body: dict, victim: str) -> None:
     """Turn an API refusal into the library's exception (the same ones LocalOracle raises)."""
     if status == 200:
         return
     detail = body.get("detail", body) if isinstance(body, dict) else body
-    if status == 429:
+    if status == 429 and not retryable(status, body):
         err = BudgetExhausted(0, 0, 0)
         err.args = (f"victim {victim!r}: {detail}",)
         raise err
@@ -102,14 +130,18 @@ class HttpOracle(MeteredClient):
     def query(self, images: np.ndarray | torch.Tensor) -> Answer:
         import httpx
 
-        try:
-            r = self._http.post(self.url + "/predict", content=encode_npy(images),
-                                headers={"Content-Type": "application/x-npy"})
-        except httpx.HTTPError as e:
-            raise DmeError(f"victim API at {self.url} did not answer ({type(e).__name__}: {e})") from None
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"detail": r.text}
-        raise_for(r.status_code, body, self.name)
-        return self._answer(body, len(images))
+        payload = encode_npy(images)
+
+        def send() -> tuple[int, dict]:
+            try:
+                r = self._http.post(self.url + "/predict", content=payload,
+                                    headers={"Content-Type": "application/x-npy"})
+            except httpx.HTTPError as e:
+                raise DmeError(f"victim API at {self.url} did not answer ({type(e).__name__}: {e})") from None
+            ctype = r.headers.get("content-type", "")
+            return r.status_code, r.json() if ctype.startswith("application/json") else {"detail": r.text}
+
+        return self._answer(send_with_retries(send, self.name), len(images))
 
     def close(self) -> None:
         self._http.close()

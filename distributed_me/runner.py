@@ -81,7 +81,8 @@ def attack_in_process(
     if log_mlflow:
         params = {**spec.model_dump(), "victim": v.meta.name, "pool": p.name, "output_policy": oracle.info.returns,
                   "oracle": "http" if victim_url else "in-process",
-                  "output_policy_chain": ",".join(d["name"] for d in oracle.info.policy)}
+                  # a remote API does not disclose its defense (its metadata shows the output kind only)
+                  "output_policy_chain": ",".join(d["name"] for d in oracle.info.policy) or "undisclosed"}
         tags = {"dme.victim": v.meta.name, "dme.attack": spec.strategy, "dme.budget": str(spec.budget),
                 "dme.defense": params["output_policy_chain"]}
         log_extraction_run(result, params, experiment, f"{spec.strategy}-{v.meta.name}-b{spec.budget}", tags)

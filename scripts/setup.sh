@@ -29,3 +29,13 @@ if not torch.__version__.startswith("2.14.1") or not torchvision.__version__.sta
     sys.exit(f"unexpected torch {torch.__version__} / torchvision {torchvision.__version__}: expected 2.14.1 / 0.29.1")
 import distributed_me  # noqa: F401
 PY
+# a headless browser for the tests that render pages (the API's /docs); a Debian package, installed where we may
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium (headless browser for the page tests)..."
+    (apt-get install -y -q chromium > .venv/apt.log 2>&1 || { apt-get update -q > /dev/null 2>&1 &&
+      apt-get install -y -q chromium > .venv/apt.log 2>&1; }) || echo "could not install chromium (see .venv/apt.log)" >&2
+  else
+    echo "chromium not found: install it (e.g. sudo apt-get install chromium) for the page tests" >&2
+  fi
+fi

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -49,3 +52,21 @@ def listening_addresses(port: int) -> set[str]:
             ip = ipaddress.ip_address(words) if width == 8 else ipaddress.IPv6Address(words)
             found.add(str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip))
     return found
+
+
+@contextmanager
+def serve_env(base: Path) -> Iterator[None]:
+    """``DME_HOME`` and ``MLFLOW_TRACKING_URI`` under ``base`` while a module's own Ray cluster and Serve app run (its
+    workers inherit them: the session's embedded victim is trained once), then the environment as it was."""
+    saved = {k: os.environ.get(k) for k in ("DME_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["DME_HOME"] = str(base / "dme-home")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+

@@ -5,7 +5,6 @@ One application for the module: ``digits`` (2 replicas, probabilities), ``digits
 """
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, serve_env, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
@@ -51,20 +50,13 @@ def service(tmp_path_factory):
     from distributed_me.serving.runtime import deploy, init_ray, shutdown
 
     base = tmp_path_factory.getbasetemp()
-    saved = {k: os.environ.get(k) for k in ("DME_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["DME_HOME"] = str(base / "dme-home")  # the session's embedded victim; Ray workers inherit it
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
-    port = free_port()
-    log_dir = str(base / "querylog")
-    init_ray(num_cpus=2)
-    deploy(_spec(log_dir), port=port)
-    yield {"url": f"http://127.0.0.1:{port}", "log": log_dir}
-    shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with serve_env(base):
+        port = free_port()
+        log_dir = str(base / "querylog")
+        init_ray(num_cpus=2)
+        deploy(_spec(log_dir), port=port)
+        yield {"url": f"http://127.0.0.1:{port}", "log": log_dir}
+        shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +81,13 @@ def _npy(x: np.ndarray) -> bytes:
 def _predict(http, victim, body, key="key-unlimited", ctype="application/x-npy", **kw):
     headers = {"Content-Type": ctype, **({"X-API-Key": key} if key else {})}
     return http.post(f"/v1/victims/{victim}/predict", content=body, headers=headers, **kw)
+
+
+def _fp(service, key: str) -> str:
+    """The key's fingerprint as the service's ledger writes it (a keyed hash under its log folder's secret)."""
+    from distributed_me.serving.ledger import key_fingerprint, ledger_secret
+
+    return key_fingerprint(key, ledger_secret(service["log"]))
 
 
 def _images(n, seed=0):
@@ -144,7 +143,7 @@ def test_label_only_policy_is_applied_inside_the_service(http, victim):
 
 
 def test_budget_across_two_replicas_answers_exactly_n(service, http):
-    from distributed_me.serving.ledger import key_fingerprint, read_query_log
+    from distributed_me.serving.ledger import read_query_log
     from distributed_me.serving.runtime import flush_query_log
 
     def one(i):
@@ -159,7 +158,7 @@ def test_budget_across_two_replicas_answers_exactly_n(service, http):
     assert r.status_code == 429 and "budget exhausted" in r.json()["detail"]
     flush_query_log()
     log = read_query_log(service["log"]).to_pandas()
-    mine = log[log["key"] == key_fingerprint(BUDGET_KEY)]
+    mine = log[log["key"] == _fp(service, BUDGET_KEY)]
     assert mine["count"].sum() == BUDGET and mine["request_id"].is_unique
 
 
@@ -221,7 +220,7 @@ def _wait(cond, timeout: float, what: str) -> float:
 def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http):
     import ray
 
-    from distributed_me.serving.ledger import key_fingerprint, read_query_log
+    from distributed_me.serving.ledger import read_query_log
     from distributed_me.serving.runtime import flush_query_log
 
     key, n_requests, per_request = "key-kill-test", 160, 512
@@ -245,10 +244,13 @@ def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http
     assert refused and {code for _, code in refused} == {503}, refused
     assert len(answered) + len(refused) == n_requests and len(answered) > 30
     _wait(lambda: _serve_replicas("victim-digits") == 2, 120, "the killed replica to be replaced")
+    # charged up front, refunded when the replica died: the refunds settle right after the 503s
+    _wait(lambda: http.get("/v1/victims/digits/usage", headers={"X-API-Key": key}).json()["used"]
+          == per_request * len(answered), 60, "the refunds of the refused requests")
     usage = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key}).json()
     flush_query_log()
     log = read_query_log(service["log"]).to_pandas()
-    mine = log[log["key"] == key_fingerprint(key)]
+    mine = log[log["key"] == _fp(service, key)]
     assert usage["used"] == per_request * len(answered) == mine["count"].sum()
     assert mine["request_id"].is_unique and len(mine) == len(answered)
 
@@ -320,7 +322,7 @@ def test_query_log_rows_are_exactly_the_requests_answered(service, http):
     import pandas as pd
 
     from distributed_me.oracle import validate_batch
-    from distributed_me.serving.ledger import key_fingerprint, read_query_log
+    from distributed_me.serving.ledger import read_query_log
     from distributed_me.serving.runtime import flush_query_log
     from distributed_me.wire import input_hash
 
@@ -333,12 +335,12 @@ def test_query_log_rows_are_exactly_the_requests_answered(service, http):
     t1 = pd.Timestamp.now(tz="UTC")
     flush_query_log()
     log = read_query_log(service["log"]).to_pandas()
-    mine = log[log["key"] == key_fingerprint(key)].sort_values("time")
+    mine = log[log["key"] == _fp(service, key)].sort_values("time")
     expected = [input_hash(validate_batch(b, (1, 16, 16))) for b in [*batches, uint8]]
     assert list(mine["input_hash"]) == expected
     assert list(mine["count"]) == [1, 7, 33, 5] and set(mine["victim"]) == {"digits-label"}
     assert ((mine["time"] >= t0 - pd.Timedelta(seconds=1)) & (mine["time"] <= t1 + pd.Timedelta(seconds=1))).all()
-    assert key not in log["key"].tolist() and key_fingerprint(key) != key
+    assert key not in log["key"].tolist() and _fp(service, key) != key
 
 
 def test_concurrent_batched_answers_go_back_to_their_own_client(service, victim):
@@ -385,11 +387,12 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
 
     from distributed_me.http_oracle import HttpOracle
     from distributed_me.oracle import LocalOracle
-    from distributed_me.serving.ledger import key_fingerprint
+    from distributed_me.serving.ledger import key_fingerprint, ledger_secret
     from distributed_me.serving.runtime import deploy
 
     seed, keys = 7, ("key-policies", "key-policies-2")
-    spec = {"query_log": str(Path(service["log"]).parent / "querylog-policies"),
+    folder = Path(service["log"]).parent / "querylog-policies"
+    spec = {"query_log": str(folder),
             "victims": [{"name": n, "source": "embedded", "output_policy": p, "policy_seed": seed, "num_cpus": 0.1,
                          "num_replicas": 2 if n == "noise" else 1} for n, p in POLICIES_THROUGH_SERVE.items()],
             "clients": [{"key": k, "budget": None} for k in keys]}
@@ -398,7 +401,7 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
     try:
         for name, policy in POLICIES_THROUGH_SERVE.items():
             remote = HttpOracle(f"{service['url']}/p/v1/victims/{name}", keys[0])
-            local = LocalOracle(victim, policy, seed=seed, stream=key_fingerprint(keys[0]))
+            local = LocalOracle(victim, policy, seed=seed, stream=key_fingerprint(keys[0], ledger_secret(folder)))
             assert remote.info.returns == local.info.returns, name
             for j, n in enumerate((5, 40, 1)):
                 x = _images(n, seed=2000 + j)
@@ -423,8 +426,8 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
         for r in repeats:
             np.testing.assert_array_equal(r.scores, repeats[0].scores)
         other = noisy(keys[1])
-        np.testing.assert_array_equal(
-            other.scores, LocalOracle(victim, "noise:0.05", seed=seed, stream=key_fingerprint(keys[1])).query(x).scores)
+        twin = LocalOracle(victim, "noise:0.05", seed=seed, stream=key_fingerprint(keys[1], ledger_secret(folder)))
+        np.testing.assert_array_equal(other.scores, twin.query(x).scores)
         assert not np.isclose(other.scores, repeats[0].scores, atol=1e-4).all(axis=1).any()
     finally:
         serve.delete("policies")

@@ -1,16 +1,19 @@
 """The Ray-free parts of the victim API: the serve spec, the ledger (keys, budgets, query log) and the wire codec."""
 
+import hashlib
 import io
 import json
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import wait_for
 
 from distributed_me.errors import DmeError
-from distributed_me.serving.ledger import JOURNAL, Ledger, key_fingerprint, read_query_log
+from distributed_me.serving.ledger import JOURNAL, SECRET, Ledger, key_fingerprint, ledger_secret, read_query_log
 from distributed_me.serving.spec import Client, load_serve_config, parse_serve_spec
 from distributed_me.wire import WireError, decode_body, encode_npy, input_hash, validate_images
 
@@ -48,64 +51,78 @@ def test_missing_config_file_says_where_an_example_is(tmp_path):
 
 
 # ------------------------------------------------------------------ ledger
-def _ledger(tmp_path, flush_rows=1000, budget=10):
+def _ledger(tmp_path, flush_rows=1000, budget=10, **kw):
     clients = [Client(key="key-aaaaaaa", budget=budget), Client(key="key-bbbbbbb", budget=None, victims=["v1"])]
-    return Ledger(clients, ["v1", "v2"], tmp_path / "log", flush_rows)
+    return Ledger(clients, ["v1", "v2"], tmp_path / "log", flush_rows, **kw)
+
+
+def _charge(led, n, rid=None, key="key-aaaaaaa", victim="v1", digest="h"):
+    return led.charge(key, victim, n, digest, rid or uuid.uuid4().hex)
 
 
 def test_ledger_status_codes(tmp_path):
     led = _ledger(tmp_path)
-    assert led.reserve(None, "v1", 1).status == 401
-    assert led.reserve("wrong-key-123", "v1", 1).status == 401
-    assert led.reserve("key-aaaaaaa", "v9", 1).status == 404
-    assert led.reserve("key-bbbbbbb", "v2", 1).status == 403
-    d = led.reserve("key-aaaaaaa", "v1", 11)
+    assert _charge(led, 1, key=None).status == 401
+    assert _charge(led, 1, key="wrong-key-123").status == 401
+    assert _charge(led, 1, victim="v9").status == 404
+    assert _charge(led, 1, key="key-bbbbbbb", victim="v2").status == 403
+    d = _charge(led, 11)
     assert d.status == 429 and "11 images requested but only 10 of 10 remain" in d.detail
-    assert led.usage("key-aaaaaaa", "v1")["used"] == 0
+    assert led.usage("key-aaaaaaa", "v1")["used"] == 0 and read_query_log(tmp_path / "log").num_rows == 0
 
 
-def test_reserve_commit_release(tmp_path):
+def test_charge_first_refund_on_failure_idempotent_both_ways(tmp_path):
     led = _ledger(tmp_path)
-    a = led.reserve("key-aaaaaaa", "v1", 6)
-    b = led.reserve("key-aaaaaaa", "v1", 4)
-    assert a.ok and b.ok
-    assert led.reserve("key-aaaaaaa", "v1", 1).status == 429  # in-flight reservations hold the budget
-    led.release(b.reservation)
-    led.commit(a.reservation, "h1")
-    led.commit(a.reservation, "h1")  # a second commit of the same request is ignored
+    assert _charge(led, 6, "a", digest="h1").ok and _charge(led, 4, "b", digest="h2").ok
+    assert _charge(led, 1).status == 429  # charged up front: the budget is spent before either is answered
+    assert _charge(led, 6, "a").ok  # a retried charge (its reply was lost) is not counted twice
+    assert led.refund("b") is True  # "b" was never answered
+    assert led.refund("b") is False  # nothing to give back twice
     u = led.usage("key-aaaaaaa", "v1")
     assert (u["used"], u["remaining"], u["budget"]) == (6, 4, 10)
     assert led.usage("key-aaaaaaa", "v2")["used"] == 0  # budgets are per victim
-    table = read_query_log(tmp_path / "log")
-    assert table.num_rows == 1 and table["count"].to_pylist() == [6]
-    assert table["key"].to_pylist() == [key_fingerprint("key-aaaaaaa")]
+    table = read_query_log(tmp_path / "log")  # answered requests only: the refunded charge is gone
+    assert table["request_id"].to_pylist() == ["a"] and table["count"].to_pylist() == [6]
+    assert table["key"].to_pylist() == [led.fingerprint("key-aaaaaaa")]
     assert "key-aaaaaaa" not in (tmp_path / "log" / JOURNAL).read_text()  # the secret never reaches the log
 
 
-def test_concurrent_reservations_never_over_grant(tmp_path):
+def test_a_refund_that_overtakes_its_charge_wins(tmp_path):
+    """The ingress gave up on a charge call (accounting died, client left) and refunded it; if the slow charge lands
+    after that, it is refused, not counted."""
+    led = _ledger(tmp_path)
+    assert led.refund("late") is False
+    d = _charge(led, 3, "late")
+    assert d.status == 409 and led.usage("key-aaaaaaa", "v1")["used"] == 0
+    assert read_query_log(tmp_path / "log").num_rows == 0
+
+
+def test_concurrent_charges_never_over_grant(tmp_path):
     led = _ledger(tmp_path, budget=100)
-    granted = []
+    granted, refunded = [], []
 
-    def worker():
-        for _ in range(50):
-            d = led.reserve("key-aaaaaaa", "v1", 3)
-            if d.ok:
-                led.commit(d.reservation, "h")
-                granted.append(3)
+    def worker(i):
+        for j in range(50):
+            rid = f"{i}-{j}"
+            if _charge(led, 3, rid).ok:
+                if j % 5 == 0 and led.refund(rid):  # every fifth answer "failed"
+                    refunded.append(3)
+                else:
+                    granted.append(3)
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sum(granted) == 99 and led.usage("key-aaaaaaa", "v1")["used"] == 99
+    assert sum(granted) == 99 and led.usage("key-aaaaaaa", "v1")["used"] == 99 and refunded
     assert read_query_log(tmp_path / "log")["count"].to_numpy().sum() == 99
 
 
-def test_usage_survives_a_restart_and_logs_compact_to_parquet(tmp_path):
+def test_usage_and_refunds_survive_a_restart_and_logs_compact_to_parquet(tmp_path):
     led = _ledger(tmp_path, flush_rows=3)
     for n in (1, 2, 3, 4):
-        led.commit(led.reserve("key-aaaaaaa", "v1", n).reservation, f"h{n}")
+        assert _charge(led, n, f"r{n}", digest=f"h{n}").ok
     parts = sorted((tmp_path / "log").glob("part-*.parquet"))
     assert len(parts) == 1 and pq.read_table(parts[0]).num_rows == 3  # the 4th row waits in the journal
     # a crash: no close(), a torn last journal line; the new ledger rebuilds usage from the log
@@ -113,8 +130,50 @@ def test_usage_survives_a_restart_and_logs_compact_to_parquet(tmp_path):
         f.write('{"request_id": "torn", "key"')
     again = _ledger(tmp_path, flush_rows=3)
     assert again.usage("key-aaaaaaa", "v1")["used"] == 10
-    assert again.reserve("key-aaaaaaa", "v1", 1).status == 429
-    assert read_query_log(tmp_path / "log")["input_hash"].to_pylist() == ["h1", "h2", "h3", "h4"]
+    assert _charge(again, 1).status == 429
+    # the charge made just before the crash (already compacted into a part) can still be refunded after it
+    assert again.refund("r2") is True and again.usage("key-aaaaaaa", "v1")["used"] == 8
+    third = _ledger(tmp_path, flush_rows=3)
+    assert third.usage("key-aaaaaaa", "v1")["used"] == 8 and third.refund("r2") is False
+    assert read_query_log(tmp_path / "log")["input_hash"].to_pylist() == ["h1", "h3", "h4"]
+
+
+def test_refund_window_is_bounded(tmp_path):
+    led = _ledger(tmp_path, refund_window_s=0.05)
+    assert _charge(led, 2, "old").ok
+    wait_for(lambda: _charge(led, 0, uuid.uuid4().hex).ok and "old" not in led._charges, 5, "the window to pass")
+    assert led.refund("old") is False and led.usage("key-aaaaaaa", "v1")["used"] == 2
+
+
+def test_key_fingerprints_are_keyed_hashes_with_a_private_secret(tmp_path):
+    """A guessed key cannot be confirmed against the log without the folder's secret, which only the owner reads."""
+    led = _ledger(tmp_path)
+    assert _charge(led, 1).ok
+    logged = read_query_log(tmp_path / "log")["key"].to_pylist()[0]
+    assert logged == key_fingerprint("key-aaaaaaa", ledger_secret(tmp_path / "log")) and logged.startswith("hmac:")
+    assert hashlib.sha256(b"key-aaaaaaa").hexdigest()[:16] not in logged
+    assert logged != key_fingerprint("key-aaaaaaa", ledger_secret(tmp_path / "other"))
+    assert (tmp_path / "log" / SECRET).stat().st_mode & 0o777 == 0o600
+
+
+def test_logs_from_before_keyed_hashes_still_count(tmp_path):
+    """Rows written with the old unsalted fingerprint keep counting against a configured key after the upgrade."""
+    folder = tmp_path / "log"
+    folder.mkdir()
+    old = "sha256:" + hashlib.sha256(b"key-aaaaaaa").hexdigest()[:16]
+    row = {"request_id": "x", "key": old, "victim": "v1", "time": 1_700_000_000_000_000, "count": 7, "input_hash": "h"}
+    (folder / JOURNAL).write_text(json.dumps(row) + "\n")
+    assert _ledger(tmp_path).usage("key-aaaaaaa", "v1")["used"] == 7
+
+
+def test_query_log_lives_under_dme_home_unless_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("DME_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert parse_serve_spec({"victims": [{"name": "v"}], "query_log": "querylog/x"}).query_log_path() == \
+        tmp_path / "home" / "querylog" / "x"
+    assert parse_serve_spec({"victims": [{"name": "v"}], "query_log": "/srv/log"}).query_log_path() == Path("/srv/log")
+    shipped, _ = load_serve_config(ROOT / "deployments" / "local.yaml")
+    assert shipped.query_log_path().is_relative_to(tmp_path / "home")
 
 
 # ------------------------------------------------------------------ codec
@@ -171,20 +230,41 @@ def test_keys_added_at_run_time_survive_a_restart_with_their_usage(tmp_path):
     """A sweep registers one key per trial at run time. After the accounting replica restarts (a new Ledger on the
     same folder, with none of those keys in its configuration), such a key still works and its budget still counts
     what was answered before; the secret itself is written nowhere."""
-    from distributed_me.serving.ledger import CLIENTS, Ledger, key_fingerprint
+    from distributed_me.serving.ledger import CLIENTS, Ledger
     from distributed_me.serving.spec import Client
 
     first = Ledger([], ["v1"], tmp_path / "log")
     first.add_client(Client(key="trial-key-secret-1", budget=10, victims=["v1"]))
-    first.commit(first.reserve("trial-key-secret-1", "v1", 6).reservation, "h")
+    assert first.charge("trial-key-secret-1", "v1", 6, "h", "r1").ok
     first.close()
 
     again = Ledger([], ["v1"], tmp_path / "log")
     assert again.usage("trial-key-secret-1", "v1") == {"status": 200, "victim": "v1", "used": 6, "budget": 10,
                                                        "remaining": 4}
-    assert again.reserve("trial-key-secret-1", "v1", 5).status == 429
-    assert again.reserve("trial-key-secret-1", "v1", 4).ok
+    assert again.charge("trial-key-secret-1", "v1", 5, "h", "r2").status == 429
+    assert again.charge("trial-key-secret-1", "v1", 4, "h", "r3").ok
     assert again.authorize("another-key-000", "v1").status == 401
     written = b"".join(p.read_bytes() for p in (tmp_path / "log").iterdir() if p.is_file())
     assert b"trial-key-secret-1" not in written
-    assert key_fingerprint("trial-key-secret-1") in (tmp_path / "log" / CLIENTS).read_text()
+    assert again.fingerprint("trial-key-secret-1") in (tmp_path / "log" / CLIENTS).read_text()
+
+
+@pytest.mark.parametrize("body,ctype,status", [
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", 400),  # RecursionError in json.loads
+    (b'{"images": [[' + b"9" * 5000 + b"]]}", "application/json", 400),  # beyond Python's int digit limit
+    (b'{"images": [[' + b"9" * 400 + b"]]}", "application/json", 422),  # OverflowError converting to float
+    (encode_npy(np.zeros((1, 1, 4, 4), np.float32)) + b"trailing", "application/x-npy", 400),
+])
+def test_hostile_bodies_are_4xx_not_500(body, ctype, status):
+    with pytest.raises(WireError) as e:
+        decode_body(body, ctype)
+    assert e.value.status == status and e.value.detail
+
+
+def test_oversized_npy_header_is_refused():
+    arr = np.zeros((1, 1, 4, 4), np.float32)
+    header = repr({"descr": "<f4", "fortran_order": False, "shape": (1, 1, 4, 4)}).encode()
+    header += b" " * (8192 - (12 + len(header)) % 64) + b"\n"  # valid v2 padding, 8 KiB of it
+    body = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header + arr.tobytes()
+    with pytest.raises(WireError, match="large"):
+        decode_body(body, "application/x-npy")

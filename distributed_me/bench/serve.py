@@ -208,7 +208,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
     steps = [{"step": k, "ms_per_request": v, "share_of_handle_path": v / full} for k, v in breakdown.items()]
     print_table(steps, ["step", "ms_per_request", "share_of_handle_path"],
                 f"where the time goes: one request of {BATCH} images, concurrency 1, {n_breakdown} requests each "
-                "(the handle path = 2 accountant round trips + replica predict + ingress)")
+                "(the handle path = 1 accountant round trip (the charge) + replica predict + ingress)")
     print(f"\ngoal (b) >= 0.7 x (a) at batch {BATCH}: best (b) reaches {best_b:.2f} x (a) -> "
           f"{'met' if best_b >= 0.7 else 'NOT met'}; (a) drifted {a1:.0f} -> {a1_after:.0f} img/s during the run")
     plot = _plot(rows, a1, Path(args.out) / "serve.png")

@@ -7,9 +7,11 @@ Three deployments:
   autoscaled, on a GPU fraction when the cluster has GPUs, on CPUs otherwise;
 - ``Accountant`` (one replica): the :class:`~distributed_me.serving.ledger.Ledger` of keys, budgets and the query log,
   so a budget holds across all victim replicas;
-- ``Ingress``: FastAPI routes (OpenAPI at ``/docs``), input checks that answer JSON 4xx instead of a 500, and the
-  reserve → predict → commit sequence. Its :meth:`Ingress.answer` is also what the handle Oracle calls, so handle and
-  HTTP clients meet exactly the same boundary.
+- ``Ingress``: FastAPI routes (OpenAPI at ``/docs``, rendered without any CDN), and the order a hostile Internet
+  needs: the key is checked before a byte of the body is read (unknown keys cost one cached lookup, never a read or a
+  decode); the body is read in chunks against the size limit and a deadline, within a per-key concurrency limit;
+  every malformed body is a JSON 4xx; then charge → predict (→ refund when no answer comes out). Its
+  :meth:`Ingress.answer` is also what the handle Oracle calls, so handle and HTTP clients meet the same boundary.
 
 ``build_app(args)`` is the application builder named by ``import_path`` in ``deployments/*.yaml``.
 """
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,19 @@ import numpy as np
 import ray
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ..defenses import parse_policy
-from ..http_oracle import API_KEY_HEADER
+from ..http_oracle import API_KEY_HEADER, CONCURRENCY_DETAIL
 from ..oracle import OracleInfo
 from ..victims import load_victim, victim_bundle_path
 from ..wire import WireError, decode_body, input_hash, validate_images
-from .ledger import Ledger, key_fingerprint
+from .docs_page import DOCS_PAGE
+from .ledger import Ledger
 from .spec import Client, ServeSpec, VictimService, parse_serve_spec
 
 log = logging.getLogger(__name__)
@@ -112,25 +117,23 @@ class VictimReplica:
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class Accountant:
-    """The single accounting replica: every reserve/commit/release goes through its ledger."""
+    """The single accounting replica: every authorize/charge/refund goes through its ledger."""
 
     def __init__(self, spec: dict):
         s = ServeSpec.model_validate(spec)
-        self.ledger = Ledger(s.clients, [v.name for v in s.victims], s.query_log, s.log_flush_rows)
+        self.ledger = Ledger(s.clients, [v.name for v in s.victims], s.query_log, s.log_flush_rows,
+                             refund_window_s=s.refund_window_s)
 
-    def reserve(self, key: str | None, victim: str, count: int) -> tuple[int, str, str]:
-        d = self.ledger.reserve(key, victim, count)
+    def charge(self, key: str | None, victim: str, count: int, digest: str, request_id: str) -> tuple[int, str, str]:
+        d = self.ledger.charge(key, victim, count, digest, request_id)
         return d.status, d.detail, d.reservation
 
-    def authorize(self, key: str | None, victim: str) -> tuple[int, str]:
+    def authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
         d = self.ledger.authorize(key, victim)
-        return d.status, d.detail
+        return d.status, d.detail, d.reservation
 
-    def commit(self, reservation: str, digest: str) -> None:
-        self.ledger.commit(reservation, digest)
-
-    def release(self, reservation: str) -> None:
-        self.ledger.release(reservation)
+    def refund(self, request_id: str) -> bool:
+        return self.ledger.refund(request_id)
 
     def usage(self, key: str | None, victim: str) -> dict:
         return self.ledger.usage(key, victim)
@@ -153,11 +156,37 @@ api = FastAPI(
     version="1",
     description="Victim classifiers as an MLaaS API. Send a batch of images, get back what the victim's output "
                 "policy allows. Authenticate with the X-API-Key header; each key has a per-victim query budget.",
+    docs_url=None,  # Swagger UI loads its scripts from a CDN: blank offline. /docs below renders the spec itself
+    redoc_url=None,
 )
 
 
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": detail})
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody, "description": STATUS_MEANING[c]} for c in codes}
+
+
+#: every status the API answers with, and what it means (the OpenAPI spec lists each per route)
+STATUS_MEANING = {
+    400: "malformed body (not .npy, not JSON, nested too deep, a number out of range, trailing bytes)",
+    401: "missing or unknown API key",
+    403: "this key may not query this victim",
+    404: "no such victim",
+    408: "the request body did not arrive in time",
+    409: "a charge retried after its refund: send the request again",
+    413: "body or batch larger than the limits",
+    415: "unsupported content type",
+    422: "well-formed body holding an invalid batch (shape, range, dtype, NaN)",
+    429: "query budget spent, or too many concurrent requests for this key",
+    503: "the victim or the accounting could not answer: nothing was charged, retry",
+}
+
+
+class ErrorBody(BaseModel):
+    detail: str
 
 
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -168,14 +197,74 @@ class Ingress:
         self.victims = victims
         self.accountant = accountant
         self._info: dict[str, dict] = {}
+        self._authorized: dict[tuple[str, str], tuple[float, str]] = {}  # (key, victim) → (trusted until, fingerprint)
+        self._refused: dict[tuple[str, str], float] = {}  # (key, victim) → until when charges go first (after a 429)
+        self._per_key: dict[str, int] = {}  # requests in flight per key (this ingress replica)
+        self._refunds: set[asyncio.Task] = set()
+        self._answering = 0  # batches between their charge and their answer (or refund), on this ingress replica
+        self._checking = 0  # key checks waiting for the accounting replica (uncached keys, e.g. wrong ones)
 
     async def _meta(self, victim: str) -> dict:
         if victim not in self._info:
-            self._info[victim] = await self.victims[victim].info.remote()
+            info = await self.victims[victim].info.remote()
+            self._info[victim] = {**info, "policy": []}  # the defense's parameters are the provider's business
         return self._info[victim]
+
+    async def _authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
+        """(status, detail, the key's fingerprint): the key check that runs before any body is read. No key is
+        refused here; a key seen authorized within ``auth_cache_s`` costs nothing; others one accounting call."""
+        if not key:
+            return 401, "missing API key: send it in the X-API-Key header", ""
+        now = time.monotonic()
+        until, fingerprint = self._authorized.get((key, victim), (0.0, ""))
+        if until > now:
+            return 200, "", fingerprint
+        if self._checking >= self.spec.max_pending_key_checks:  # a flood of unknown keys must not queue forever
+            return 503, "too many key checks in flight: retry", ""
+        self._checking += 1
+        try:
+            status, detail, fingerprint = await self.accountant.authorize.remote(key, victim)
+        finally:
+            self._checking -= 1
+        if status == 200:
+            if len(self._authorized) > 10_000:
+                self._authorized.clear()
+            self._authorized[(key, victim)] = (now + self.spec.auth_cache_s, fingerprint)
+        return status, detail, fingerprint
+
+    def _refund_later(self, request_id: str) -> None:
+        """Refund in a task of its own, retried until the accounting replica takes it (it may be restarting), so a
+        cancelled request or a dead accountant never leaves a charge without an answer."""
+        task = asyncio.get_running_loop().create_task(self._refund(request_id))
+        self._refunds.add(task)
+        task.add_done_callback(self._refunds.discard)
+
+    async def _refund(self, request_id: str) -> None:
+        deadline, delay = time.monotonic() + self.spec.refund_window_s / 2, 0.2
+        while True:
+            try:
+                await self.accountant.refund.remote(request_id)
+                return
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    log.error("refund of request %s gave up (%s): it stays charged", request_id, e)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
 
     async def answer(self, key: str | None, victim: str, images: np.ndarray) -> tuple[int, dict]:
         """The whole predict path for an already-decoded batch: (HTTP status, JSON body)."""
+        self._answering += 1
+        try:
+            return await self._answer(key, victim, images)
+        finally:
+            self._answering -= 1
+
+    async def _answer(self, key: str | None, victim: str, images: np.ndarray) -> tuple[int, dict]:
+        # 401/403 come before input errors: a stranger learns nothing about the victim's input format
+        status, detail, stream = await self._authorize(key, victim)
+        if status != 200:
+            return status, {"detail": detail}
         try:
             if victim not in self.victims:
                 raise WireError(404, f"no victim named {victim!r}; hosted: {', '.join(sorted(self.victims))}")
@@ -184,21 +273,48 @@ class Ingress:
                 images = images.copy()
             x = validate_images(images, tuple(meta["input_shape"]), self.spec.max_request_images)
         except WireError as e:
-            # 401/403 take precedence over input errors: a stranger learns nothing about the victim's input format
-            status, detail = await self.accountant.authorize.remote(key, victim)
-            if status != 200:
-                return status, {"detail": detail}
             return e.status, {"detail": e.detail}
-        status, detail, reservation = await self.accountant.reserve.remote(key, victim, len(x))
-        if status != 200:
-            return status, {"detail": detail}
+        request_id = uuid.uuid4().hex
+        # the forward runs while the charge is decided (one accounting round trip off the critical path); its answer
+        # is returned only once the charge stands. A key refused recently is charged first, so a spent budget cannot
+        # buy free forward passes
+        refused_until = self._refused.get((key, victim), 0.0)
+        predict = self.victims[victim].predict.remote(x.numpy(), stream) if refused_until < time.monotonic() else None
+        charge = self.accountant.charge.remote(key, victim, len(x), input_hash(x), request_id)
         try:
-            body = await self.victims[victim].predict.remote(x.numpy(), key_fingerprint(key) if key else "")
-        except Exception as e:  # a replica died or failed: nothing was answered, so nothing is charged
-            await self.accountant.release.remote(reservation)
+            status, detail, _ = await charge
+        except asyncio.CancelledError:
+            self._refund_later(request_id)
+            if predict is not None:
+                predict.cancel()
+            raise
+        except Exception as e:  # the accounting replica died mid-call: the charge may have landed; take it back
+            self._refund_later(request_id)
+            if predict is not None:
+                predict.cancel()
+            log.warning("accounting failed a charge: %s", e)
+            return 503, {"detail": f"accounting unavailable ({type(e).__name__}); nothing was charged: retry"}
+        if status != 200:
+            if predict is not None:
+                predict.cancel()
+            if status == 429:
+                if len(self._refused) > 10_000:
+                    self._refused.clear()
+                self._refused[(key, victim)] = time.monotonic() + self.spec.auth_cache_s
+            return status, {"detail": detail}
+        self._refused.pop((key, victim), None)
+        try:
+            if predict is None:
+                predict = self.victims[victim].predict.remote(x.numpy(), stream)
+            body = await predict
+        except asyncio.CancelledError:  # the client went away before its answer existed
+            self._refund_later(request_id)
+            raise
+        except Exception as e:  # a replica died or failed: nothing was answered, so nothing stays charged
+            self._refund_later(request_id)
             log.warning("victim %s failed a request: %s", victim, e)
-            return 503, {"detail": f"victim {victim!r} could not answer ({type(e).__name__}); retry the request"}
-        await self.accountant.commit.remote(reservation, input_hash(x))
+            return 503, {"detail": f"victim {victim!r} could not answer ({type(e).__name__}); nothing was charged: "
+                                   "retry"}
         return 200, body
 
     async def victim_meta(self, victim: str) -> tuple[int, dict]:
@@ -207,49 +323,81 @@ class Ingress:
             return 404, {"detail": f"no victim named {victim!r}; hosted: {', '.join(sorted(self.victims))}"}
         return 200, await self._meta(victim)
 
+    async def _read_body(self, request: Request, limit: int) -> bytes:
+        """The body in chunks, refused (413) as soon as it outgrows ``limit``: never buffered whole first."""
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise WireError(413, f"request body exceeds {limit} bytes: split the batch")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @api.get("/v1/victims", summary="Public metadata of every hosted victim")
     async def list_victims(self) -> list[dict]:
         return [await self._meta(name) for name in sorted(self.victims)]
 
-    @api.get("/v1/victims/{name}", summary="Public metadata of one victim")
+    @api.get("/v1/victims/{name}", summary="Public metadata of one victim", responses=_responses(404))
     async def victim_info(self, name: str):
         if name not in self.victims:
             return _error(404, f"no victim named {name!r}; hosted: {', '.join(sorted(self.victims))}")
         return await self._meta(name)
 
-    @api.post("/v1/victims/{name}/predict", summary="Query a victim with a batch of images")
+    @api.post("/v1/victims/{name}/predict", summary="Query a victim with a batch of images",
+              responses=_responses(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503))
     async def predict(self, name: str, request: Request):
         key = request.headers.get(API_KEY_HEADER)
-        limit = int(self.spec.max_request_mb * 2**20)
-        declared = request.headers.get("content-length")
+        status, detail, _ = await self._authorize(key, name)  # before a byte of the body is read
+        if status != 200:
+            return _error(status, detail)
+        assert key is not None
+        if self._per_key.get(key, 0) >= self.spec.max_concurrent_per_key:
+            return _error(429, f"{CONCURRENCY_DETAIL} for this key (limit {self.spec.max_concurrent_per_key}): wait "
+                               "for an answer before sending more")
+        self._per_key[key] = self._per_key.get(key, 0) + 1
         try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise WireError(413, f"request body of {int(declared)} bytes exceeds {limit}: split the batch")
-            body = await request.body()
-            if len(body) > limit:
-                raise WireError(413, f"request body of {len(body)} bytes exceeds {limit}: split the batch")
-            images = decode_body(body, request.headers.get("content-type"))
-        except WireError as e:
-            status, detail = await self.accountant.authorize.remote(key, name)
-            return _error(status, detail) if status != 200 else _error(e.status, e.detail)
-        status, content = await self.answer(key, name, images)
-        return JSONResponse(status_code=status, content=content)
+            limit = int(self.spec.max_request_mb * 2**20)
+            declared = request.headers.get("content-length")
+            try:
+                if declared is not None and declared.isdigit() and int(declared) > limit:
+                    raise WireError(413, f"request body of {int(declared)} bytes exceeds {limit}: split the batch")
+                try:
+                    body = await asyncio.wait_for(self._read_body(request, limit), self.spec.body_timeout_s)
+                except TimeoutError:
+                    late = f"the request body did not arrive within {self.spec.body_timeout_s:g} s"
+                    raise WireError(408, late) from None
+                images = decode_body(body, request.headers.get("content-type"))
+            except WireError as e:
+                return _error(e.status, e.detail)
+            status, content = await self.answer(key, name, images)
+            return JSONResponse(status_code=status, content=content)
+        finally:
+            self._per_key[key] -= 1
+            if not self._per_key[key]:
+                del self._per_key[key]
 
-    @api.get("/v1/victims/{name}/usage", summary="Queries used and remaining for the calling key")
+    @api.get("/v1/victims/{name}/usage", summary="Queries used and remaining for the calling key",
+             responses=_responses(401, 403, 404))
     async def usage(self, name: str, request: Request):
         out = await self.accountant.usage.remote(request.headers.get(API_KEY_HEADER), name)
         status = out.pop("status")
         return JSONResponse(status_code=status, content=out)
 
-    @api.get("/v1/health", summary="Liveness")
+    @api.get("/v1/health", summary="Liveness, and the work this ingress replica has in flight")
     async def health(self) -> dict:
-        return {"status": "ok", "victims": sorted(self.victims), "time": time.time()}
+        return {"status": "ok", "victims": sorted(self.victims), "time": time.time(), "answering": self._answering,
+                "pending_refunds": len(self._refunds)}
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE)
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """Application builder (``import_path: distributed_me.serving.app:build_app``): validate, then bind."""
     spec = parse_serve_spec(args)
-    spec = spec.model_copy(update={"query_log": str(Path(spec.query_log).expanduser().resolve())})
+    # resolved where the app is built: every replica, on any node and after any restart, uses this one absolute path
+    spec = spec.model_copy(update={"query_log": str(spec.query_log_path())})
     gpus = cluster_has_gpus()
     victims = {}
     for svc in spec.victims:

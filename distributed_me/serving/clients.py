@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..answer import Answer
-from ..http_oracle import MeteredClient, oracle_info, raise_for
+from ..http_oracle import MeteredClient, oracle_info, raise_for, send_with_retries
 
 
 class HandleOracle(MeteredClient):
@@ -33,6 +33,6 @@ class HandleOracle(MeteredClient):
     def query(self, images: np.ndarray | torch.Tensor) -> Answer:
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
-        status, body = self._ingress.answer.remote(self._key, self.name, images).result()
-        raise_for(status, body, self.name)
+        body = send_with_retries(lambda: self._ingress.answer.remote(self._key, self.name, images).result(),
+                                 self.name)
         return self._answer(body, len(images))

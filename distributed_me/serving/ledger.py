@@ -1,14 +1,26 @@
 """Query accounting for the victim API: API keys, per-key budgets and the query log.
 
 One :class:`Ledger` serves a whole Serve application (it lives in a single accounting replica), so budgets hold across
-every victim replica: two replicas can never both grant the last query. A request is *reserved* before the victim
-runs and *committed* once it has been answered; a request that fails in between is *released* and costs nothing.
-Only committed requests are counted as used and written to the log, each exactly once.
+every victim replica: two replicas can never both grant the last query.
+
+**Debit first, refund on failure.** A request is *charged* (its images counted as used and its row journaled) before
+the victim runs, in one accounting round trip, and *refunded* if no answer comes out of it (the victim replica died,
+the client went away before the answer was computed, the accounting replica died mid-call). So:
+
+- an answer is never handed out uncharged: the charge is durable before the victim is even asked, and survives the
+  accounting replica's death (a restarted ledger rebuilds usage from the journal);
+- nothing is ever *held*: there are no reservations to leak, so a dropped client cannot lock a budget;
+- both calls are idempotent by the request id the ingress chooses: a charge retried after a lost reply is not
+  counted twice, and a refund of a charge that never landed (the accounting replica died before writing it) is a
+  no-op. A refund is accepted within ``refund_window_s`` of its charge (rebuilt after a restart from the log's times).
+
+The one case the design leaves charged without an answer is the ingress process itself dying between the charge and
+the answer (the refund dies with it): the provider's side of the trade, never the attacker's.
 
 The query log is a folder of Parquet parts (``part-*.parquet``) plus a journal (``journal.jsonl``) of rows not yet
-compacted into a part. Every commit is appended to the journal before the caller gets its answer, so a crash of the
-accounting process loses nothing that was answered; a restarted ledger rebuilds its usage counts from the log and
-never grants a budget twice. ``key`` in the log is a fingerprint of the API key, never the secret itself.
+compacted into a part, plus ``refunds.jsonl`` (the ids of refunded charges). :func:`read_query_log` returns the
+answered requests: charges minus refunds. ``key`` in the log is a keyed hash (HMAC-SHA256 under a secret created in
+the log folder, ``ledger.secret``, mode 0600) of the API key: the log alone cannot confirm a guessed key offline.
 
 Plain Python (no Ray): the Serve deployment in :mod:`~distributed_me.serving.app` is a thin wrapper, and unit tests
 drive the ledger directly.
@@ -17,16 +29,20 @@ drive the ledger directly.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .spec import Client
@@ -42,10 +58,31 @@ LOG_SCHEMA = pa.schema([
     ("input_hash", pa.string()),
 ])
 JOURNAL = "journal.jsonl"
+REFUNDS = "refunds.jsonl"
+SECRET = "ledger.secret"
 
 
-def key_fingerprint(key: str) -> str:
-    """What the log stores instead of an API key: enough to tell keys apart, useless to an attacker."""
+def ledger_secret(folder: str | Path) -> bytes:
+    """The log folder's fingerprint key, created on first use (32 random bytes, readable by the owner only)."""
+    path = Path(folder) / SECRET
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
+
+
+def key_fingerprint(key: str, secret: bytes) -> str:
+    """What the log stores instead of an API key: a keyed hash, enough to tell keys apart, and without the folder's
+    secret no way to test a guessed key against it."""
+    return "hmac:" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _legacy_fingerprint(key: str) -> str:
+    """Fingerprints logs written before keyed hashes (unsalted, truncated SHA-256): read, never written."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -122,7 +159,8 @@ def _table(rows: list[dict]) -> pa.Table:
 
 
 def read_query_log(folder: str | Path) -> pa.Table:
-    """Every answered request in a query-log folder (Parquet parts and the journal), oldest first."""
+    """Every answered request in a query-log folder (Parquet parts and the journal, minus refunded charges),
+    oldest first."""
     folder = Path(folder)
     parts = [pq.read_table(p, schema=LOG_SCHEMA) for p in sorted(folder.glob("part-*.parquet"))]
     journal = folder / JOURNAL
@@ -137,14 +175,32 @@ def read_query_log(folder: str | Path) -> pa.Table:
             parts.append(_table(rows))
     if not parts:
         return LOG_SCHEMA.empty_table()
-    return pa.concat_tables(parts).sort_by("time")
+    table = pa.concat_tables(parts).sort_by("time")
+    refunded = read_refunds(folder)
+    if refunded:
+        table = table.filter(pc.invert(pc.is_in(table["request_id"], pa.array(sorted(refunded), pa.string()))))
+    return table
+
+
+def read_refunds(folder: str | Path) -> set[str]:
+    """Request ids whose charge was refunded (a torn last line is skipped)."""
+    path = Path(folder) / REFUNDS
+    if not path.exists():
+        return set()
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.add(json.loads(line)["request_id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return out
 
 
 CLIENTS = "clients.jsonl"
 
 
 class Ledger:
-    """API keys, budgets and in-flight reservations for every (key, victim) pair; thread-safe.
+    """API keys, budgets and charges for every (key, victim) pair; thread-safe.
 
     Keys are held by fingerprint only (:func:`key_fingerprint`): a request's key is fingerprinted on arrival. Keys
     added at run time (one per sweep trial) are appended to ``clients.jsonl`` in the log folder — fingerprint, budget,
@@ -152,21 +208,38 @@ class Ledger:
     from the log like every key's, still counts against their budgets.
     """
 
-    def __init__(self, clients: list[Client], victims: list[str], log_folder: str | Path, flush_rows: int = 2048):
+    def __init__(self, clients: list[Client], victims: list[str], log_folder: str | Path, flush_rows: int = 2048,
+                 refund_window_s: float = 120.0):
         self._lock = threading.Lock()
         self._victims = set(victims)
+        self._folder = Path(log_folder)
         self._log = QueryLog(log_folder, flush_rows)
-        self._clients_path = Path(log_folder) / CLIENTS
-        self._clients = {key_fingerprint(c.key): c for c in clients}
+        self._secret = ledger_secret(log_folder)
+        self._clients_path = self._folder / CLIENTS
+        self._refunds_path = self._folder / REFUNDS
+        self._clients = {self.fingerprint(c.key): c for c in clients}
         self._clients.update(self._runtime_clients())
+        legacy = {_legacy_fingerprint(c.key): self.fingerprint(c.key) for c in clients}
+        self.refund_window_s = refund_window_s
         self._used: dict[tuple[str, str], int] = {}
-        self._inflight: dict[str, tuple[str, str, int]] = {}
-        table = self._log.read()
-        for fp, victim, count in zip(table["key"].to_pylist(), table["victim"].to_pylist(),
-                                     table["count"].to_pylist()):
+        #: charges that may still be refunded: request id → (fingerprint, victim, count, charged at [monotonic s])
+        self._charges: OrderedDict[str, tuple[str, str, int, float]] = OrderedDict()
+        self._refunded = read_refunds(self._folder)
+        table = self._log.read()  # charges minus refunds
+        now_us, now_mono = time.time_ns() // 1000, time.monotonic()
+        for rid, fp, victim, count, t in zip(table["request_id"].to_pylist(), table["key"].to_pylist(),
+                                             table["victim"].to_pylist(), table["count"].to_pylist(),
+                                             table["time"].cast(pa.int64()).to_pylist()):
+            fp = legacy.get(fp, fp)
             self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
+            age_s = (now_us - t) / 1e6
+            if age_s < refund_window_s:  # a restart must still honour the refund of a charge made just before it
+                self._charges[rid] = (fp, victim, count, now_mono - age_s)
         if len(table):
             log.info("ledger: rebuilt usage of %d keys from %d logged requests", len(self._used), len(table))
+
+    def fingerprint(self, key: str) -> str:
+        return key_fingerprint(key, self._secret)
 
     def _runtime_clients(self) -> dict[str, Client]:
         """The keys added at run time before a restart (later lines replace earlier ones; a torn last line is
@@ -185,7 +258,7 @@ class Ledger:
     # ------------------------------------------------------------------ keys
     def add_client(self, client: Client) -> None:
         """Add or replace an API key at run time (e.g. one per sweep trial); persisted before it takes effect."""
-        fp = key_fingerprint(client.key)
+        fp = self.fingerprint(client.key)
         record = {"fingerprint": fp, "budget": client.budget, "victims": list(client.victims)}
         with self._lock:
             self._clients_path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,53 +281,72 @@ class Ledger:
         return Decision(200)
 
     def authorize(self, key: str | None, victim: str) -> Decision:
-        """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)?"""
-        return self._authorize(key_fingerprint(key) if key else None, victim)
+        """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)? A 200 carries the key's
+        fingerprint in ``reservation`` (what randomized policies key their draws on)."""
+        fp = self.fingerprint(key) if key else None
+        d = self._authorize(fp, victim)
+        return Decision(200, reservation=fp or "") if d.ok else d
 
     # ------------------------------------------------------------------ budget
     def _remaining(self, fp: str, victim: str) -> int | None:
         budget = self._clients[fp].budget
         if budget is None:
             return None
-        held = sum(n for k, v, n in self._inflight.values() if k == fp and v == victim)
-        return budget - self._used.get((fp, victim), 0) - held
+        return budget - self._used.get((fp, victim), 0)
 
-    def reserve(self, key: str | None, victim: str, count: int) -> Decision:
-        """Grant ``count`` images or refuse them all (429): nothing is partially answered."""
-        fp = key_fingerprint(key) if key else None
+    def charge(self, key: str | None, victim: str, count: int, input_hash: str, request_id: str) -> Decision:
+        """Count ``count`` images and journal the request before it is answered, or refuse them all (429): nothing is
+        partially answered. Idempotent by ``request_id``. A 200 carries the key's fingerprint in ``reservation``."""
+        fp = self.fingerprint(key) if key else None
         with self._lock:
             d = self._authorize(fp, victim)
             if not d.ok:
                 return d
             assert fp is not None
+            if request_id in self._charges:  # a retried charge whose first reply was lost
+                return Decision(200, reservation=fp)
+            if request_id in self._refunded:
+                return Decision(409, f"request {request_id} was already refunded; send it again with a new id")
             remaining = self._remaining(fp, victim)
             if remaining is not None and count > remaining:
                 budget = self._clients[fp].budget
                 return Decision(429, f"query budget exhausted: {count} images requested but only {max(remaining, 0)}"
                                      f" of {budget} remain for this key on victim {victim!r}")
-            rid = uuid.uuid4().hex
-            self._inflight[rid] = (fp, victim, count)
-            return Decision(200, reservation=rid)
-
-    def commit(self, reservation: str, input_hash: str) -> None:
-        """Count an answered request and log it (once: a second commit of the same reservation is ignored)."""
-        with self._lock:
-            entry = self._inflight.pop(reservation, None)
-            if entry is None:
-                log.warning("ledger: commit of unknown or already settled reservation %s", reservation)
-                return
-            fp, victim, count = entry
-            self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
-            self._log.append({"request_id": reservation, "key": fp, "victim": victim,
+            self._log.append({"request_id": request_id, "key": fp, "victim": victim,
                               "time": time.time_ns() // 1000, "count": count, "input_hash": input_hash})
+            self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
+            self._charges[request_id] = (fp, victim, count, time.monotonic())
+            self._expire()
+            return Decision(200, reservation=fp)
 
-    def release(self, reservation: str) -> None:
-        """Give back a reservation whose request was not answered."""
+    def refund(self, request_id: str) -> bool:
+        """Give back a charge whose request was not answered; ``False`` if there was none to give back (never
+        charged, already refunded, or older than the refund window). The id is remembered either way, so a charge
+        that arrives after its refund (a slow call overtaken by the refund) is refused instead of counted."""
         with self._lock:
-            self._inflight.pop(reservation, None)
+            if request_id in self._refunded:
+                return False
+            entry = self._charges.pop(request_id, None)
+            with open(self._refunds_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"request_id": request_id, "time": time.time_ns() // 1000}) + "\n")
+                f.flush()
+            self._refunded.add(request_id)
+            if entry is None:
+                return False
+            fp, victim, count, _ = entry
+            self._used[(fp, victim)] -= count
+            return True
+
+    def _expire(self) -> None:
+        horizon = time.monotonic() - self.refund_window_s
+        while self._charges:
+            rid, entry = next(iter(self._charges.items()))
+            if entry[3] >= horizon:
+                break
+            self._charges.popitem(last=False)
 
     def usage(self, key: str | None, victim: str) -> dict:
-        fp = key_fingerprint(key) if key else None
+        fp = self.fingerprint(key) if key else None
         with self._lock:
             d = self._authorize(fp, victim)
             if not d.ok:

@@ -46,7 +46,7 @@ class VictimService(BaseModel):
     name: SafeName = Field(description="URL name: /v1/victims/{name}")
     source: str = Field("embedded", description="'embedded', a bundle folder, a registered name or models:/ URI")
     output_policy: PolicySpec = Field("probabilities", description="policy chain, e.g. 'round:2,topk:1'")
-    policy_seed: int = Field(0, description="seed of randomized policies (noise), per replica")
+    policy_seed: int = Field(0, description="seed of randomized policies (noise); draws keyed per key and image")
     max_batch_size: int = Field(256, ge=1, description="images per forward pass (dynamic batching)")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count (exclusive with autoscaling)")
@@ -80,9 +80,18 @@ class ServeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     victims: list[VictimService] = Field(min_length=1)
     clients: list[Client] = Field(default_factory=list)
-    query_log: str = Field(".dme/querylog", description="folder for the Parquet query log")
+    query_log: str = Field("querylog/default", description="folder for the Parquet query log, usage and run-time "
+                           "keys: an absolute path, or one relative to $DME_HOME (never to the working directory, "
+                           "so a restart from anywhere finds the same budgets)")
     max_request_images: int = Field(4096, ge=1, description="largest batch one request may carry (else 413)")
-    max_request_mb: float = Field(64.0, gt=0, description="largest request body in MiB (else 413)")
+    max_request_mb: float = Field(64.0, gt=0, description="largest request body in MiB (else 413, while streaming)")
+    body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive (else 408)")
+    max_concurrent_per_key: int = Field(16, ge=1, description="requests in flight per key (else 429)")
+    auth_cache_s: float = Field(10.0, ge=0, description="how long the ingress trusts a key it saw authorized")
+    max_pending_key_checks: int = Field(64, ge=1, description="uncached key checks in flight per ingress replica "
+                                        "(else 503): a flood of wrong keys cannot queue up behind the accounting")
+    refund_window_s: float = Field(120.0, gt=0, description="how long after its charge an unanswered request can "
+                                   "still be refunded (the ingress retries a refund for half of it)")
     log_flush_rows: int = Field(2048, ge=1, description="query-log rows buffered before a Parquet part is written")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources every deployment "
                                         "of the app asks for, e.g. {victims: 0.01} keeps the whole service (victims, "
@@ -110,6 +119,13 @@ class ServeSpec(BaseModel):
             if unknown:
                 raise ValueError(f"client key {c.key[:4]}… names unknown victims {unknown}; hosted: {names}")
         return self
+
+    def query_log_path(self) -> Path:
+        """``query_log`` as an absolute path: relative ones live under ``$DME_HOME``."""
+        from ..tracking import dme_home
+
+        path = Path(self.query_log).expanduser()
+        return path if path.is_absolute() else dme_home() / path
 
     def victim(self, name: str) -> VictimService:
         for v in self.victims:
