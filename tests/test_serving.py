@@ -253,6 +253,8 @@ def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http
     mine = log[log["key"] == _fp(service, key)]
     assert usage["used"] == per_request * len(answered) == mine["count"].sum()
     assert mine["request_id"].is_unique and len(mine) == len(answered)
+    print(f"\nvictim replica killed: sent {n_requests} requests of {per_request} images, answered {len(answered)}, "
+          f"refused {len(refused)} (503); charged = logged = {usage['used']} images")
 
 
 def test_autoscaling_up_under_load_and_back_down(http):
