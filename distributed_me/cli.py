@@ -6,11 +6,16 @@ Every user mistake surfaces as one ``error:`` line and exit status 2, never a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from .errors import DmeError, explain_validation_error
 
@@ -104,8 +109,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
     from .serving.runtime import deploy, flush_query_log, init_ray, shutdown
     from .serving.spec import load_serve_config
 
@@ -113,6 +116,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or int(http.get("port", 8000))
     init_ray(args.address, num_cpus=args.num_cpus)
+    # SIGTERM (a process manager, `kill PID`) stops the service like Ctrl-C: the query log is flushed and the private
+    # cluster shut down. Without this, Ray's own handler aborts the process with a stack dump and skips both
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         deploy(spec.model_dump(), host=host, port=port, app_name=args.app_name)
         base = f"http://{host}:{port}"
@@ -132,6 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.detach:
             flush_query_log(args.app_name)
             shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def trial_table(rows: list[dict], columns: list[str]) -> str:
@@ -194,10 +204,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
            str(args.port), "--workers", "1"]
+    # the server and its uvicorn worker in a process group of their own: stopping `dme ui` by Ctrl-C or by its PID
+    # (SIGTERM) stops them all, instead of leaving them holding the port
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
+    asked: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        asked.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+        code = child.wait()
+        return 0 if asked else code  # stopped on request: a clean exit
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_group(child)
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    """Whatever is left of ``child``'s process group: SIGTERM, then SIGKILL if it is still there after 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return  # the whole group is gone
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(0.1)  # reaps the leader; the others are reparented and reaped by init
+            try:
+                os.killpg(child.pid, 0)
+            except ProcessLookupError:
+                return
 
 
 def cmd_pool_build(args: argparse.Namespace) -> int:

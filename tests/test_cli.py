@@ -137,3 +137,49 @@ def test_no_traceback_from_the_real_entry_point():
     out = subprocess.run([sys.executable, "-m", "distributed_me.cli", "attack", "--optimizer", "rmsprop"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "rmsprop" in out.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dme_serve_stops_cleanly_on_sigterm(tmp_path):
+    """Stopped by its PID (a process manager, `kill`): exit 0 without Ray's abort dump, the port released, and the
+    query log flushed into a Parquet part on the way out."""
+    import signal
+
+    import httpx
+    import numpy as np
+    import yaml
+    from helpers import free_port, listening_addresses, wait_for
+
+    from distributed_me.serving.ledger import read_query_log
+    from distributed_me.wire import encode_npy
+
+    port, log = free_port(), tmp_path / "querylog"
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"victims": [{"name": "digits", "source": "embedded", "num_cpus": 0.25}],
+                                      "clients": [{"key": "key-sigterm-01", "budget": 100}], "query_log": str(log)}))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dme"), "serve", str(config), "--port", str(port),
+                             "--num-cpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 240, "dme serve")
+        x = np.random.default_rng(0).random((5, 1, 16, 16), dtype=np.float32)
+        r = httpx.post(f"{url}/victims/digits/predict", content=encode_npy(x), timeout=60,
+                       headers={"Content-Type": "application/x-npy", "X-API-Key": "key-sigterm-01"})
+        assert r.status_code == 200
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    assert proc.returncode == 0 and "SIGTERM received" not in out, out[-3000:]
+    assert not listening_addresses(port)
+    assert list(log.glob("part-*.parquet")) and read_query_log(log)["count"].to_pylist() == [5]

@@ -5,6 +5,7 @@ the runs and metrics MLflow holds afterwards, failures recorded as FAILED runs, 
 and a sweep submitted as a Ray job to a `ray start --head` cluster.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -259,7 +260,7 @@ def _stop_cluster(port: int) -> None:
         marker.unlink()
 
 
-def test_dme_ui_serves_the_store_on_loopback(tmp_path):
+def test_dme_ui_serves_the_store_on_loopback_and_stops_whole_on_sigterm(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"DME_HOME": str(tmp_path)}
     proc = subprocess.Popen([str(BIN / "dme"), "ui", "--port", str(port)], env=env,
@@ -269,8 +270,14 @@ def test_dme_ui_serves_the_store_on_loopback(tmp_path):
         if not Path("/proc/net/tcp").exists():
             pytest.skip("no /proc/net/tcp on this system: cannot read which address the UI listens on")
         assert listening_addresses(port) == {"127.0.0.1"}  # the UI listens on loopback only
+        # stopped by its PID alone, as a process manager would: the MLflow server and its worker go too
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+        wait_for(lambda: not listening_addresses(port), 30, "the UI's port to be released")
+        assert not _get(f"http://127.0.0.1:{port}/health")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever a failed stop left behind
         proc.wait(30)
 
 
