@@ -148,11 +148,11 @@ class Accountant:
 
     def charge(self, key: str | None, victim: str, count: int, digest: str, request_id: str) -> tuple[int, str, str]:
         d = self.ledger.charge(key, victim, count, digest, request_id)
-        return d.status, d.detail, d.reservation
+        return d.status, d.detail, d.fingerprint
 
     def authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
         d = self.ledger.authorize(key, victim)
-        return d.status, d.detail, d.reservation
+        return d.status, d.detail, d.fingerprint
 
     def refund(self, request_id: str) -> bool:
         return self.ledger.refund(request_id)
@@ -211,6 +211,13 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+def _remember(cache: dict, key: Any, value: Any, limit: int = 10_000) -> None:
+    """A per-key cache that cannot grow without bound under a flood of distinct keys: full, it starts over."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
+
+
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -249,9 +256,7 @@ class Ingress:
         finally:
             self._checking -= 1
         if status == 200:
-            if len(self._authorized) > 10_000:
-                self._authorized.clear()
-            self._authorized[(key, victim)] = (now + self.spec.auth_cache_s, fingerprint)
+            _remember(self._authorized, (key, victim), (now + self.spec.auth_cache_s, fingerprint))
         return status, detail, fingerprint
 
     def _refund_later(self, request_id: str) -> None:
@@ -320,9 +325,7 @@ class Ingress:
             if predict is not None:
                 predict.cancel()
             if status == 429:
-                if len(self._refused) > 10_000:
-                    self._refused.clear()
-                self._refused[(key, victim)] = time.monotonic() + self.spec.auth_cache_s
+                _remember(self._refused, (key, victim), time.monotonic() + self.spec.auth_cache_s)
             return status, {"detail": detail}
         self._refused.pop((key, victim), None)
         try:

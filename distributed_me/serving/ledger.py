@@ -92,7 +92,7 @@ class Decision:
 
     status: int
     detail: str = ""
-    reservation: str = ""
+    fingerprint: str = ""  # the key's, on a 200: what randomized policies key their draws on
 
     @property
     def ok(self) -> bool:
@@ -282,10 +282,10 @@ class Ledger:
 
     def authorize(self, key: str | None, victim: str) -> Decision:
         """401 / 404 / 403, or 200: may this key query this victim at all (budget aside)? A 200 carries the key's
-        fingerprint in ``reservation`` (what randomized policies key their draws on)."""
+        fingerprint."""
         fp = self.fingerprint(key) if key else None
         d = self._authorize(fp, victim)
-        return Decision(200, reservation=fp or "") if d.ok else d
+        return Decision(200, fingerprint=fp or "") if d.ok else d
 
     # ------------------------------------------------------------------ budget
     def _remaining(self, fp: str, victim: str) -> int | None:
@@ -296,7 +296,7 @@ class Ledger:
 
     def charge(self, key: str | None, victim: str, count: int, input_hash: str, request_id: str) -> Decision:
         """Count ``count`` images and journal the request before it is answered, or refuse them all (429): nothing is
-        partially answered. Idempotent by ``request_id``. A 200 carries the key's fingerprint in ``reservation``."""
+        partially answered. Idempotent by ``request_id``. A 200 carries the key's fingerprint."""
         fp = self.fingerprint(key) if key else None
         with self._lock:
             d = self._authorize(fp, victim)
@@ -304,7 +304,7 @@ class Ledger:
                 return d
             assert fp is not None
             if request_id in self._charges:  # a retried charge whose first reply was lost
-                return Decision(200, reservation=fp)
+                return Decision(200, fingerprint=fp)
             if request_id in self._refunded:
                 return Decision(409, f"request {request_id} was already refunded; send it again with a new id")
             remaining = self._remaining(fp, victim)
@@ -317,7 +317,7 @@ class Ledger:
             self._used[(fp, victim)] = self._used.get((fp, victim), 0) + count
             self._charges[request_id] = (fp, victim, count, time.monotonic())
             self._expire()
-            return Decision(200, reservation=fp)
+            return Decision(200, fingerprint=fp)
 
     def refund(self, request_id: str) -> bool:
         """Give back a charge whose request was not answered; ``False`` if there was none to give back (never
