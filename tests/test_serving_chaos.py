@@ -88,9 +88,19 @@ def _logged(service, key: str) -> int:
     return int(mine["count"].sum())
 
 
+def _health(service) -> dict:
+    return httpx.get(f"{service['url']}/v1/health", timeout=30).json()
+
+
+def _answered(sockets: list[socket.socket]) -> list[str] | None:
+    """The status lines of those of ``sockets`` the server has already answered, or None if none was."""
+    ready = select.select(sockets, [], [], 0)[0]
+    return [_status_line(s) for s in ready] or None
+
+
 def _settled(service) -> bool:
     """No batch between charge and answer on the ingress, and no refund waiting to be delivered."""
-    h = httpx.get(f"{service['url']}/v1/health", timeout=30).json()
+    h = _health(service)
     return h["answering"] == 0 and h["pending_refunds"] == 0
 
 
@@ -270,12 +280,18 @@ def test_slow_and_oversized_bodies_with_a_key_are_bounded(service):
     head = (b"POST /v1/victims/digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
             b"X-API-Key: key-slow\r\nContent-Length: 500000\r\n\r\n")
     with GoodClient(service["url"]) as good:
+        # quiet first: key checks left from an earlier flood would refuse the slow requests (503) before their body
+        wait_for(lambda: _health(service)["checking_keys"] == 0, 30, "no key check in flight")
         slow = [_raw(service["port"], head, b"\x93NUMPY") for _ in range(PER_KEY)]
         try:
+            # the next request must come while all PER_KEY bodies are still arriving, before their deadline
+            reading = wait_for(lambda: _health(service)["reading_bodies"] >= PER_KEY or _answered(slow),
+                               BODY_TIMEOUT_S, "the slow requests to reach the ingress")
+            assert reading is True, f"slow requests answered before their body arrived: {reading}"
             with httpx.Client(base_url=service["url"], timeout=60) as c:
-                crowded = wait_for(lambda: (r := _post(c, "key-slow", _npy(_images(2)))).status_code == 429 and r,
-                                   30, "the key's concurrency limit")
-                assert "too many concurrent requests" in crowded.json()["detail"]
+                crowded = _post(c, "key-slow", _npy(_images(2)))
+            assert crowded.status_code == 429, (crowded.status_code, crowded.text[:300], _health(service))
+            assert "too many concurrent requests" in crowded.json()["detail"]
             codes = [_status_line(s) for s in slow]
         finally:
             for s in slow:

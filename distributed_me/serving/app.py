@@ -231,6 +231,7 @@ class Ingress:
         self._per_key: dict[str, int] = {}  # requests in flight per key (this ingress replica)
         self._refunds: set[asyncio.Task] = set()
         self._answering = 0  # batches between their charge and their answer (or refund), on this ingress replica
+        self._reading = 0  # requests past the key check whose body is still arriving, on this ingress replica
         self._checking = 0  # key checks waiting for the accounting replica (uncached keys, e.g. wrong ones)
 
     async def _meta(self, victim: str) -> dict:
@@ -386,11 +387,14 @@ class Ingress:
             try:
                 if declared is not None and declared.isdigit() and int(declared) > limit:
                     raise WireError(413, f"request body of {int(declared)} bytes exceeds {limit}: split the batch")
+                self._reading += 1
                 try:
                     body = await asyncio.wait_for(self._read_body(request, limit), self.spec.body_timeout_s)
                 except TimeoutError:
                     late = f"the request body did not arrive within {self.spec.body_timeout_s:g} s"
                     raise WireError(408, late) from None
+                finally:
+                    self._reading -= 1
                 images = decode_body(body, request.headers.get("content-type"))
             except WireError as e:
                 return _error(e.status, e.detail)
@@ -411,7 +415,7 @@ class Ingress:
     @api.get("/v1/health", summary="Liveness, and the work this ingress replica has in flight")
     async def health(self) -> dict:
         return {"status": "ok", "victims": sorted(self.victims), "time": time.time(), "answering": self._answering,
-                "pending_refunds": len(self._refunds)}
+                "pending_refunds": len(self._refunds), "reading_bodies": self._reading, "checking_keys": self._checking}
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self) -> HTMLResponse:
