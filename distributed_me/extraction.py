@@ -33,17 +33,22 @@ from .train import OPTIMIZERS, TrainConfig, predict_labels
 
 log = logging.getLogger(__name__)
 
-#: the metric names of one extraction run, in the order tables show them. ``victim_utility`` is the defender's side:
-#: top-1 accuracy of the labels the API returns under its output policy, on the victim's test split.
-SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "accuracy", "fidelity", "adversarial_fidelity",
-                                "queries_used")
+#: the metric names of one extraction run, in the order tables show them. ``victim_utility`` and ``victim_kl`` are
+#: the defender's side: top-1 accuracy of the labels the API returns under its output policy, and how far its answers
+#: are from the victim's own posterior (:meth:`Evaluator.defense_cost`), on the victim's test split.
+SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "victim_kl", "accuracy", "fidelity",
+                                "adversarial_fidelity", "queries_used")
+
+#: the floor under an answer's scores before the KL: a label-only or top-k answer gives zeros, and the floor turns
+#: them into "the answer withheld this mass" (at most ln(1/KL_FLOOR) ≈ 13.8 nats per query) instead of infinity
+KL_FLOOR = 1e-6
 TIME_NAMES: tuple[str, ...] = tuple(f"seconds_{p}" for p in (*PHASES, "total"))
 METRIC_NAMES: tuple[str, ...] = SCORE_NAMES + TIME_NAMES
 
 #: what a trial of a sweep varies (a sweep's grid axes; MLflow params of a trial run): the victim and its output
-#: policy, then the attacker's choices, each an :class:`AttackSpec` field
-FACTORS: tuple[str, ...] = ("victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "pretrained",
-                            "augment", "epochs", "seed")
+#: policy, then the attacker's choices: the unlabeled pool it draws queries from, then :class:`AttackSpec` fields
+FACTORS: tuple[str, ...] = ("victim", "policy", "pool", "strategy", "budget", "arch", "optimizer", "lr",
+                            "pretrained", "augment", "epochs", "seed")
 
 
 class AttackSpec(BaseModel):
@@ -108,22 +113,39 @@ class Evaluator:
     labels: torch.Tensor
     victim_pred: torch.Tensor | None = None
     victim_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
-    _utility: dict[str, float] = field(default_factory=dict, repr=False)
+    _cost: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.victim_pred is None:
             self.victim_pred = self.victim_labels(self.images)
 
     def utility(self, policy: str) -> float | None:
-        """Top-1 accuracy of the labels the API returns under ``policy`` on the test split (cached per policy);
-        ``None`` without ``victim_probs``. Seeded policies (noise) use seed 0, as a deployment's first replica."""
+        """Top-1 accuracy of the labels the API returns under ``policy`` on the test split; ``None`` without
+        ``victim_probs``."""
+        cost = self.defense_cost(policy)
+        return None if cost is None else cost[0]
+
+    def defense_cost(self, policy: str) -> tuple[float, float] | None:
+        """What ``policy`` costs the defender on the test split, cached per policy: (utility, KL) with utility the
+        top-1 accuracy of the labels the API returns and KL the mean KL(victim posterior ‖ answer), the answer's
+        scores floored at :data:`KL_FLOOR` and renormalized (a label-only answer is a one-hot: its KL measures the
+        information withheld). ``None`` without ``victim_probs``. Seeded policies (noise) use seed 0 and the empty
+        client stream, as :class:`~distributed_me.oracle.LocalOracle` does by default."""
         if self.victim_probs is None:
             return None
-        if policy not in self._utility:
-            probs = self.victim_probs(self.images).numpy()
-            answer = parse_policy(policy, seed=0)(probs)
-            self._utility[policy] = accuracy(np.asarray(answer.labels), self.labels.numpy())
-        return self._utility[policy]
+        if policy not in self._cost:
+            probs = self.victim_probs(self.images).numpy().astype(np.float64)
+            answer = parse_policy(policy, seed=0)(probs.astype(np.float32))
+            if answer.scores is not None:
+                q = np.asarray(answer.scores, dtype=np.float64)
+            else:
+                q = np.eye(probs.shape[1])[np.asarray(answer.labels)]
+            q = np.maximum(q, KL_FLOOR)
+            q /= q.sum(axis=1, keepdims=True)
+            p = np.maximum(probs, 1e-12)
+            kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+            self._cost[policy] = (accuracy(np.asarray(answer.labels), self.labels.numpy()), max(kl, 0.0))
+        return self._cost[policy]
 
     @property
     def victim_accuracy(self) -> float:
@@ -154,6 +176,7 @@ class ExtractionResult:
     budget: int
     seconds: dict[str, float]
     victim_utility: float | None = None
+    victim_kl: float | None = None
     history: list[dict] = field(default_factory=list)
     spec: dict = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the piracy model
@@ -214,11 +237,12 @@ def run_extraction(
     result = strategy.extract(oracle, pool, spec.budget, bench)  # its own check again is cheap by contract
     with timer.phase("eval"):
         scores = evaluator.full(result.model, seed=spec.seed, adv_samples=spec.adv_eval_samples)
-        utility = evaluator.utility(policy) if policy else None
+        utility, kl = (evaluator.defense_cost(policy) or (None, None)) if policy else (None, None)
     seconds = {**timer.seconds, "total": time.perf_counter() - t_start}
     return ExtractionResult(
         victim_accuracy=evaluator.victim_accuracy,
         victim_utility=utility,
+        victim_kl=kl,
         queries_used=oracle.queries_used - used_before,
         budget=spec.budget,
         seconds=seconds,

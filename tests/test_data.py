@@ -385,7 +385,7 @@ def test_labeled_npz_as_pool_and_dataset_name_as_pool(tmp_path: Path) -> None:
     assert isinstance(pool, ArrayPool) and pool.labels.tolist() == list(range(5))
     np.testing.assert_array_equal(pool.get([4]), imgs[[4]])
     digits_pool = load_pool("digits")
-    assert len(digits_pool) == 1347 and digits_pool.labels is not None
+    assert len(digits_pool) == len(load_dataset("digits").train) and digits_pool.labels is not None
     assert digits_pool.get([0], size=32, channels=3).shape == (1, 32, 32, 3)
 
 
@@ -407,7 +407,7 @@ def test_real_shared_files() -> None:
 def test_digits() -> None:
     ds = load_dataset(EMBEDDED_DATASET, seed=0)
     _check_dataset(ds, (8, 8, 1), 10)
-    assert len(ds.train) + len(ds.test) == 1797 and abs(len(ds.test) - 0.25 * 1797) < 10
+    assert abs(len(ds.train) - 0.5 * 1797) < 10 and abs(len(ds.test) - 0.25 * 1797) < 10
     both = np.concatenate([ds.train.images, ds.test.images])
     assert both.min() == 0 and both.max() == 255
     assert set(ds.test.labels.tolist()) == set(range(10))  # stratified
@@ -501,3 +501,22 @@ def test_missing_paths_are_data_not_found(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFound, match="empty"):
         load_dataset(str(tmp_path / "empty"))
+
+
+def test_digits_unseen_is_the_held_out_quarter_jittered_and_disjoint_from_victim_and_test() -> None:
+    """The in-distribution pool is made of the digits neither the victim trains on nor the judge tests on: each of
+    its blocks starts with one held-out digit (upscaled), and no block's original is a train or test image."""
+    from distributed_me.data.embedded import DIGITS_UNSEEN_VARIANTS, _digit_splits, jitter_digits
+
+    images, _, tr, held, te = _digit_splits(0)
+    assert len(set(tr) | set(held) | set(te)) == 1797 and not (set(tr) & set(held) or set(te) & set(held))
+    pool = load_pool("digits-unseen")
+    assert len(pool) == len(held) * DIGITS_UNSEEN_VARIANTS and pool.labels is None
+    originals = pool.images[::DIGITS_UNSEEN_VARIANTS]
+    np.testing.assert_array_equal(originals, jitter_digits(images[held], 1, 16, 0))
+    ds = load_dataset("digits")
+    seen = {x.tobytes() for x in jitter_digits(np.concatenate([ds.train.images, ds.test.images]), 1, 16, 0)}
+    assert not any(o.tobytes() in seen for o in originals)  # sklearn's digits hold a few exact duplicates: none here
+    variants = pool.images[1:DIGITS_UNSEEN_VARIANTS].astype(int)
+    assert all(np.abs(v - originals[0].astype(int)).sum() > 0 for v in variants)  # jittered, not copies
+    np.testing.assert_array_equal(pool.images, load_pool("digits-unseen").images)  # a pure function of the seed

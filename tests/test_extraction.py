@@ -196,3 +196,24 @@ def test_every_registered_strategy_learns_from_correctly_paired_answers(victim, 
         np.testing.assert_array_equal(answer.labels, expected.labels)
     fidelity = evaluator_for(victim).clean(out.model)["fidelity"]
     assert fidelity > 0.2, f"{name}: fidelity {fidelity:.3f} is not twice chance"
+
+
+def test_defense_cost_is_utility_and_kl_from_the_victims_posterior():
+    """The defender's side, worked out by hand on three test images: full probabilities cost nothing; a label-only
+    answer keeps top-1 but withholds the rest of the posterior (KL against a one-hot floored at KL_FLOOR)."""
+    from distributed_me.extraction import KL_FLOOR, Evaluator
+
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4]])
+    ev = Evaluator(victim_labels=lambda x: p.argmax(1), images=torch.zeros(3, 1, 2, 2),
+                   labels=torch.tensor([0, 1, 2]), victim_probs=lambda x: p)
+    utility, kl = ev.defense_cost("probabilities")
+    assert utility == pytest.approx(2 / 3) and kl == pytest.approx(0.0, abs=1e-6)
+    utility, kl = ev.defense_cost("label")
+    q = np.full((3, 3), KL_FLOOR)
+    q[np.arange(3), [0, 1, 0]] = 1.0
+    q /= q.sum(1, keepdims=True)
+    expected = float(np.mean(np.sum(p.numpy() * np.log(p.numpy() / q), axis=1)))
+    assert utility == pytest.approx(2 / 3) and kl == pytest.approx(expected, rel=1e-5) and kl > 1.0
+    _, kl_rs = ev.defense_cost("reverse_sigmoid")
+    assert 0 < kl_rs < kl  # a perturbation, less than withholding everything
+    assert ev.utility("label") == utility

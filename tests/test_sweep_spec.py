@@ -16,12 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_grid():
+    """The main job crosses what it teaches: pool (in-distribution vs natural), answers (full, label, a defense),
+    two strategies and a budget curve; its smoke preset stays CI-sized."""
     spec = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
     grid = spec.grid()
-    assert len(grid) == 8 and all(set(g) == set(FACTORS) for g in grid)
-    assert {(g["optimizer"], g["budget"], g["policy"]) for g in grid} == {
-        (o, b, p) for o in ("adam", "sgd") for b in (250, 1000) for p in ("probabilities", "label")}
-    assert len({spec.deployment_name(g["victim"], g["policy"]) for g in grid}) == 2
+    assert len(grid) == 2 * 3 * 2 * 3 and all(set(g) == set(FACTORS) for g in grid)
+    assert {(g["pool"], g["policy"], g["strategy"], g["budget"]) for g in grid} == {
+        (p, d, s, b) for p in ("digits-unseen", "photos") for d in spec.policies
+        for s in ("random", "activethief-kcenter") for b in (100, 300, 1000)}
+    assert len({spec.deployment_name(g["victim"], g["policy"]) for g in grid}) == 3
+    smoke = load_sweep(ROOT / "sweeps" / "quickstart.yaml", "smoke").grid()
+    assert len(smoke) == 8 and {g["pool"] for g in smoke} == {"photos"}
 
 
 def test_presets_merge_deeply():
@@ -82,7 +87,7 @@ def test_unknown_preset_lists_the_presets():
 
 def test_cli_dry_run_and_errors(capsys, tmp_path):
     assert main(["sweep", str(ROOT / "sweeps" / "quickstart.yaml"), "--dry-run"]) == 0
-    assert "8 trials" in capsys.readouterr().out
+    assert "36 trials" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nattack: {optimizer: rmsprop}\n")
     assert main(["sweep", str(bad), "--dry-run"]) == 2
@@ -95,7 +100,11 @@ def test_cli_dry_run_and_errors(capsys, tmp_path):
 def test_unknown_pool_is_refused_naming_what_is_accepted(tmp_path):
     with pytest.raises(DmeError, match=r"pool 'nowhere/pool' is neither a registered pool .*dme pool build"):
         parse_sweep({"name": "p", "pool": "nowhere/pool"})
-    assert parse_sweep({"name": "p", "pool": str(tmp_path)}).pool == str(tmp_path)
+    assert parse_sweep({"name": "p", "pool": str(tmp_path)}).pool == [str(tmp_path)]
+    with pytest.raises(DmeError, match=r"pool .*'nowhere/pool'"):  # every pool of a list is checked
+        parse_sweep({"name": "p", "pool": ["photos", "nowhere/pool"]})
+    with pytest.raises(DmeError, match=r"pool names must be unique"):
+        parse_sweep({"name": "p", "pool": ["photos", "photos"]})
 
 
 def test_relative_paths_become_absolute_before_trials(tmp_path, monkeypatch):
@@ -108,12 +117,12 @@ def test_relative_paths_become_absolute_before_trials(tmp_path, monkeypatch):
         "strategy": ["swifttheft", "random"],
         "strategy_options": {"swifttheft": {"reference_data": "data/ref.npz", "features": "digits",
                                             "reference_arch": "data"}}}}).with_absolute_paths()
-    assert spec.pool == str(tmp_path / "data")
+    assert spec.pool == [str(tmp_path / "data")]
     opts = spec.attack.strategy_options["swifttheft"]
     assert opts["reference_data"] == str(tmp_path / "data" / "ref.npz")
     assert opts["features"] == "digits"  # not an existing path: left for the strategy to resolve or refuse
     assert opts["reference_arch"] == "data"  # not a path option, even though a folder of that name exists
-    assert parse_sweep({"name": "p"}).with_absolute_paths().pool == "photos"
+    assert parse_sweep({"name": "p"}).with_absolute_paths().pool == ["photos"]
 
 
 SHARED_DATA = ROOT.parent / "shared" / "data"

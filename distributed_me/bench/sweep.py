@@ -63,13 +63,14 @@ def _loop(spec, threads: int) -> tuple[float, list[float], list[float]]:
     try:
         t0 = time.perf_counter()
         victim = load_victim(None)
-        evaluator, pool = evaluator_for(victim), load_pool(spec.pool)
+        evaluator, pools = evaluator_for(victim), {p: load_pool(p, **spec.pool_options) for p in spec.pool}
         fids, totals = [], []
         for f in spec.grid():
             a = AttackSpec(strategy=f["strategy"], budget=f["budget"], arch=f["arch"], optimizer=f["optimizer"],
                            epochs=f["epochs"], seed=f["seed"], adv_eval_samples=spec.adv_eval_samples)
             oracle = LocalOracle(victim, f["policy"], budget=f["budget"])
-            r = run_extraction(oracle, pool, a, evaluator, eval_every_epoch=spec.eval_every_epoch, policy=f["policy"])
+            r = run_extraction(oracle, pools[f["pool"]], a, evaluator, eval_every_epoch=spec.eval_every_epoch,
+                               policy=f["policy"])
             fids.append(r.fidelity)
             totals.append(r.seconds["total"])
         return time.perf_counter() - t0, fids, totals

@@ -1,7 +1,11 @@
 """The embedded default: a dataset and a pool that need no file and no network, so every command works out of the box.
 
-- dataset ``digits``: scikit-learn's 1,797 8×8 handwritten digits (shipped inside the sklearn wheel);
-- pool ``photos``: random square crops of the natural photos shipped inside scikit-learn and scikit-image.
+- dataset ``digits``: scikit-learn's 1,797 8×8 handwritten digits (shipped inside the sklearn wheel), split three
+  ways: the victim's training split (half), the attacker's held-out share (a quarter), and the test split (a quarter);
+- pool ``digits-unseen``: the attacker's held-out quarter, unlabeled, each digit in a few small random affine
+  variants: an *in-distribution* pool the victim was never trained on (MEBench's same-distribution setting);
+- pool ``photos``: random square crops of the natural photos shipped inside scikit-learn and scikit-image: a
+  *natural-image* pool far from the digits (the domain gap).
 
 Both are tiny and far from a real benchmark; they exist so quickstarts, tests and CI exercise the real code path.
 The photos pool is an honest *natural-image* pool (the role ImageNet plays for KnockoffNets), not noise, so an
@@ -30,6 +34,10 @@ EMBEDDED_DATASET = "digits"
 EMBEDDED_POOL = "photos"
 
 DIGITS_TEST_FRACTION = 0.25
+#: of the remaining three quarters, the share held out from the victim for the attacker's in-distribution pool
+DIGITS_ATTACKER_FRACTION = 1 / 3
+DIGITS_UNSEEN_VARIANTS = 9  # images per held-out digit in the digits-unseen pool (the original, then jittered ones)
+DIGITS_UNSEEN_SIZE = 16  # the pool's side: the embedded victim's input size, so jitter is not lost to a resize
 PHOTOS_N = 20_000
 PHOTOS_SIZE = 32
 PHOTOS_MIN_CROP = 8
@@ -57,16 +65,28 @@ PHOTO_SOURCES: tuple[tuple[str, str], ...] = (
 )
 
 
-@DATASETS.register("digits")
-def digits(root: str | None = None, download: bool = False, seed: int = 0) -> LabeledDataset:
-    """sklearn digits as uint8 8×8×1 (0..16 scaled by 255/16), stratified 75/25 split from ``seed``."""
+@lru_cache(maxsize=2)
+def _digit_splits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, victim's train indices, attacker's held-out indices, test indices), stratified per class:
+    the test quarter first (as it always was), then a third of the rest held out from the victim."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     scaled = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0))
     images = scaled.clip(0, 255).astype(np.uint8)[..., None]
     labels = np.asarray(bunch.target, dtype=np.int64)
-    tr, te = stratified_split(labels, DIGITS_TEST_FRACTION, seed)
+    rest, te = stratified_split(labels, DIGITS_TEST_FRACTION, seed)
+    tr, held = stratified_split(labels[rest], DIGITS_ATTACKER_FRACTION, seed + 1)
+    for a in (images, labels):
+        a.setflags(write=False)
+    return images, labels, rest[tr], rest[held], te
+
+
+@DATASETS.register("digits")
+def digits(root: str | None = None, download: bool = False, seed: int = 0) -> LabeledDataset:
+    """sklearn digits as uint8 8×8×1 (0..16 scaled by 255/16): the victim's train split (half of the digits), the
+    test split (a quarter), stratified from ``seed``. The last quarter is the attacker's, in ``digits-unseen``."""
+    images, labels, tr, _, te = _digit_splits(int(seed))
     train, test = ArraySplit(images[tr], labels[tr]), ArraySplit(images[te], labels[te])
     ds = LabeledDataset(
         name="digits",
@@ -74,7 +94,8 @@ def digits(root: str | None = None, download: bool = False, seed: int = 0) -> La
         test=test,
         class_names=[str(i) for i in range(10)],
         normalization=normalization_from(train.images),
-        meta={"source": "sklearn.datasets.load_digits", "split": f"stratified 75/25 (seed {seed})"},
+        meta={"source": "sklearn.datasets.load_digits",
+              "split": f"stratified: train 1/2, attacker's held-out 1/4 (not here), test 1/4 (seed {seed})"},
     )
     log_loaded("dataset", "digits", train=len(train), test=len(test), classes=10, shape=ds.image_shape)
     return ds
@@ -160,4 +181,48 @@ def photos(
     images = _cached_crops(int(n), int(size), int(seed))
     pool = ArrayPool(images, name="photos")
     log_loaded("pool", "photos", images=n, size=size, seed=seed, sources=len(photo_sources()))
+    return pool
+
+
+def jitter_digits(images: np.ndarray, variants: int, size: int, seed: int) -> np.ndarray:
+    """Each uint8 (n, h, w, 1) digit as ``variants`` images of ``size``×``size``: the digit upscaled (bilinear), then
+    ``variants - 1`` copies under a random affine map (rotation ±10°, scale 0.9–1.1, shift ±1 source pixel), the
+    small changes of pose handwriting has. Output is image-major: row ``i * variants + j`` is variant ``j`` of digit
+    ``i``. A pure function of the arguments (all draws up front from one generator)."""
+    if variants < 1 or size < 1:
+        raise DmeError(f"digits-unseen needs variants >= 1 and size >= 1, got {variants=}, {size=}")
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    angle = rng.uniform(-10, 10, (n, variants))
+    scale = rng.uniform(0.9, 1.1, (n, variants))
+    shift = rng.uniform(-1, 1, (n, variants, 2)) * (size / images.shape[1])
+    out = np.empty((n * variants, size, size, 1), dtype=np.uint8)
+    c = (size - 1) / 2
+    for i in range(n):
+        base = Image.fromarray(images[i, ..., 0]).resize((size, size), Image.Resampling.BILINEAR)
+        out[i * variants] = np.asarray(base)[..., None]
+        for j in range(1, variants):
+            # inverse map (output → input) about the centre: PIL's affine takes the inverse transform
+            t = np.deg2rad(angle[i, j])
+            cos, sin = np.cos(t) / scale[i, j], np.sin(t) / scale[i, j]
+            dx, dy = shift[i, j]
+            coeffs = (cos, sin, c - cos * (c + dx) - sin * (c + dy), -sin, cos, c + sin * (c + dx) - cos * (c + dy))
+            moved = base.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+            out[i * variants + j] = np.asarray(moved)[..., None]
+    return out
+
+
+@POOLS.register("digits-unseen")
+def digits_unseen(
+    root: str | None = None, download: bool = False, seed: int = 0, variants: int = DIGITS_UNSEEN_VARIANTS,
+    size: int = DIGITS_UNSEEN_SIZE,
+) -> ArrayPool:
+    """The attacker's in-distribution pool: the quarter of the digits held out from the victim's training (and from
+    the test split), unlabeled, each in ``variants`` jittered versions (:func:`jitter_digits`), 448 × 9 = 4,032
+    images by default. Why jitter: 449 held-out digits alone cannot serve a 1,000-query budget, and an attacker with
+    a few in-distribution samples does augment them (Papernot's JBA, MEBench §3.3); the originals come first in
+    each digit's block, so a random pick is as likely to be an original as any variant."""
+    images, _, _, held, _ = _digit_splits(int(seed))
+    pool = ArrayPool(jitter_digits(images[held], int(variants), int(size), int(seed)), name="digits-unseen")
+    log_loaded("pool", "digits-unseen", images=len(pool), held_out_digits=len(held), variants=variants, size=size)
     return pool

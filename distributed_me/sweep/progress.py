@@ -14,7 +14,7 @@ from typing import Any
 from ray.tune import Callback
 
 #: the factors that name a trial in a progress line, in this order (others are shown in the final table)
-LABEL = ("strategy", "victim", "policy", "budget", "arch", "optimizer", "lr", "seed")
+LABEL = ("strategy", "victim", "policy", "pool", "budget", "arch", "optimizer", "lr", "seed")
 
 
 def trial_label(config: dict[str, Any]) -> str:

@@ -1,9 +1,10 @@
 """The sweep spec: a YAML file in ``sweeps/`` validated into a typed model before anything starts. No Ray here.
 
-A sweep is a grid over victims × output policies (defenses) × attacker choices (strategy, budget, piracy architecture,
-optimizer and LR, pre-training, augmentation, epochs, seeds), or an Optuna search over attacker hyper-parameters with a
-trial budget. Every list-valued factor is a grid axis; a scalar is fixed. A *preset* (``--preset cpu-small``) is a
-set of overrides deep-merged into the spec, so one file carries a paper-scale and a laptop-scale version.
+A sweep is a grid over victims × output policies (defenses) × attacker choices (unlabeled pool, strategy, budget,
+piracy architecture, optimizer and LR, pre-training, augmentation, epochs, seeds), or an Optuna search over attacker
+hyper-parameters with a trial budget. Every list-valued factor is a grid axis; a scalar is fixed. A *preset*
+(``--preset cpu-small``) is a set of overrides deep-merged into the spec, so one file carries a paper-scale and a
+laptop-scale version.
 
 Validation covers names (strategy, architecture, optimizer, policy, pool), values (budgets > 0, …) and capabilities:
 a strategy that needs confidence scores crossed with a label-only policy is an error here, naming both.
@@ -176,8 +177,9 @@ class SweepSpec(BaseModel):
     plugins: list[str] = Field(default_factory=list, description=".py files or modules that register components "
                                                                  "(attacks, defenses, …) used by this sweep")
     experiment: str = Field("dme-sweeps", description="MLflow experiment")
-    pool: str = "photos"
-    pool_options: dict[str, Any] = Field(default_factory=dict)
+    pool: list[str] = Field(["photos"], min_length=1, description="the attacker's unlabeled pool(s): a registered "
+                            "pool, a dataset name or a path; a list is a grid axis (e.g. in-distribution vs natural)")
+    pool_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of every pool's loader")
     victims: list[VictimRef] = Field(default_factory=lambda: [VictimRef(name="digits")], min_length=1)
     policies: list[PolicySpec] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
     attack: AttackFactors = Field(default_factory=AttackFactors)
@@ -205,9 +207,20 @@ class SweepSpec(BaseModel):
                 raise ValueError(str(e)) from None
         return data
 
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pools_as_list(cls, v: Any) -> list:
+        return _listify(v)
+
     @field_validator("pool")
     @classmethod
-    def _known_pool(cls, v: str) -> str:
+    def _known_pools(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"pool names must be unique, got {v}")
+        return [cls._known_pool(p) for p in v]
+
+    @staticmethod
+    def _known_pool(v: str) -> str:
         from ..data import DATASETS, POOLS
 
         if v in POOLS or v in DATASETS or Path(v).expanduser().exists():
@@ -256,7 +269,8 @@ class SweepSpec(BaseModel):
                    for name, opts in self.attack.strategy_options.items()}
         attack = self.attack.model_copy(update={"strategy_options": options})
         plugins = [absolute(p) if p.endswith(".py") else p for p in self.plugins]
-        return self.model_copy(update={"pool": absolute(self.pool), "attack": attack, "plugins": plugins})
+        return self.model_copy(update={"pool": [absolute(p) for p in self.pool], "attack": attack,
+                                       "plugins": plugins})
 
     # ------------------------------------------------------------------ the grid
     def deployment_name(self, victim: str, policy: str) -> str:
@@ -267,9 +281,10 @@ class SweepSpec(BaseModel):
     def grid(self) -> list[dict[str, Any]]:
         """Every factor combination, in a stable order (one dict of FACTORS per trial)."""
         a = self.attack
-        axes = [[v.name for v in self.victims], self.policies, a.strategy, a.budget, a.arch, a.optimizer, a.lr,
-                a.pretrained, a.augment, a.epochs, a.seed]
-        return [dict(zip(FACTORS, combo)) for combo in itertools.product(*axes)]
+        axes = {"victim": [v.name for v in self.victims], "policy": self.policies, "pool": self.pool,
+                "strategy": a.strategy, "budget": a.budget, "arch": a.arch, "optimizer": a.optimizer, "lr": a.lr,
+                "pretrained": a.pretrained, "augment": a.augment, "epochs": a.epochs, "seed": a.seed}
+        return [dict(zip(FACTORS, combo)) for combo in itertools.product(*(axes[k] for k in FACTORS))]
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -37,7 +37,7 @@ from ..extraction import FACTORS, AttackSpec, Evaluator, run_extraction
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
-from .tracking import TrialRun, finished_trial, trial_key
+from .tracking import TrialRun, finished_trial, trial_key, trial_run_name
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ def _accountant(app_name: str):
 def attack_spec(ctx: dict[str, Any], f: dict[str, Any]) -> AttackSpec:
     """The trial's AttackSpec from its factors; anything the sweep did not set is AttackSpec's default."""
     attack = ctx["spec"]["attack"]
+    # the sweep's once-per-pool preparation products (e.g. a features file) join the strategy's own options
+    prepared = ctx.get("prepared", {}).get(f["pool"], {}).get(f["strategy"], {})
     return AttackSpec.from_given(
-        strategy=f["strategy"], strategy_options=attack["strategy_options"].get(f["strategy"], {}),
+        strategy=f["strategy"], strategy_options={**attack["strategy_options"].get(f["strategy"], {}), **prepared},
         budget=int(f["budget"]), arch=f["arch"], pretrained=f["pretrained"], optimizer=f["optimizer"], lr=f["lr"],
         epochs=int(f["epochs"]), batch_size=attack["batch_size"], augment=bool(f["augment"]), seed=int(f["seed"]),
         adv_eval_samples=ctx["spec"]["adv_eval_samples"])
@@ -102,8 +104,7 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     deployment = ctx["deployments"][f"{f['victim']}|{f['policy']}"]
     key = f"trial-{trial_id}-{uuid.uuid4().hex}"
-    name = (f"{f['strategy']}-{f['victim']}-{f['policy']}-b{f['budget']}-{f['arch']}-{f['optimizer']}"
-            f"-lr{f['lr']}-s{f['seed']}")
+    name = trial_run_name(f)
     with h.phase("mlflow_start"):
         attack = attack_spec(ctx, f)
         run = TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
@@ -114,7 +115,7 @@ def run_trial(config: dict[str, Any]) -> None:
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
-            pool = _pool(spec["pool"], tuple(sorted(spec["pool_options"].items())))
+            pool = _pool(f["pool"], tuple(sorted(spec["pool_options"].items())))
         with h.phase("wait_app"):  # the first trials start while the sweep's Serve app is still deploying
             if ctx["app_name"] not in _READY_APPS:  # once per worker: a running app stays up for the sweep
                 wait_until_ready(ctx["app_name"], ctx["deploy_timeout_s"])
