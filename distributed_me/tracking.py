@@ -36,11 +36,18 @@ def _local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
-def ensure_experiment(name: str) -> str:
+#: the MLflow tag the UI shows (and edits) as an experiment's or a run's description, rendered as Markdown
+NOTE_TAG = "mlflow.note.content"
+
+
+def ensure_experiment(name: str, description: str | None = None) -> str:
     """Create the experiment if needed (once, in the driver: concurrent creation collides on SQLite).
 
     Local stores get their artifacts under ``$DME_HOME/mlartifacts/NAME`` (MLflow would otherwise use ``./mlruns`` of
     whatever directory the process happens to run in); a tracking server keeps its own artifact root.
+
+    ``description`` becomes the experiment's description in the MLflow UI only when it has none yet: a description
+    someone wrote (or edited in the UI) is never overwritten by the next sweep that records into the experiment.
     """
     import mlflow
 
@@ -48,17 +55,32 @@ def ensure_experiment(name: str) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if description and not exp.tags.get(NOTE_TAG):
+            _describe(uri, exp.experiment_id, description)
         return exp.experiment_id
     location = None
     if _local_store(uri):
         location = (dme_home() / "mlartifacts" / name).resolve().as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={NOTE_TAG: description} if description else None)
     except Exception:  # another process created it in between
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             raise
+        if description and not exp.tags.get(NOTE_TAG):
+            _describe(uri, exp.experiment_id, description)
         return exp.experiment_id
+
+
+def _describe(uri: str, experiment_id: str, description: str) -> None:
+    """A missing description is cosmetic: failing to set it must not stop a sweep."""
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri).set_experiment_tag(experiment_id, NOTE_TAG, description)
+    except Exception as e:
+        log.warning("could not set the description of MLflow experiment %s: %s", experiment_id, e)
 
 
 def git_commit() -> str:

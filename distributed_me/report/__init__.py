@@ -5,6 +5,10 @@ results. Plots compare what people compare: fidelity vs budget per attack, per o
 architecture (mean over the other factors, one line each), and per output policy the defender's trade-off — the
 victim's utility under the policy (accuracy of the labels the API returns) against the attacker's fidelity.
 
+:func:`publish_report` puts the same report where the sweep is browsed: under ``report/`` of the sweep's MLflow
+parent run (``report.html`` rendered with its plots inline, ``report.md``, ``results.csv``, ``summary.json`` as an
+MLflow table, ``plots/*.png``), with the summary table as the parent run's description.
+
 A sweep whose spec has a ``paper:`` section (the values of the paper table it reproduces) also gets a paper-parity
 section: ours beside the paper's per cell, the difference, whether the paper's ordering holds, as ``parity.csv`` and
 ``parity.png`` (see :mod:`distributed_me.report.parity`; the spec is read back from the sweep's parent run).
@@ -13,7 +17,8 @@ section: ours beside the paper's per cell, the difference, whether the paper's o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,20 @@ import pandas as pd
 from ..errors import DmeError
 from ..extraction import FACTORS, METRIC_NAMES
 from ..parity import ParityResult, compare
-from ..tracking import tracking_uri
+from ..tracking import NOTE_TAG, tracking_uri
+from .html import report_html
 from .parity import paper_table, parity_markdown, parity_text, write_parity
 
 log = logging.getLogger(__name__)
 
-TABLE = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "trials", "accuracy", "fidelity",
-         "adversarial_fidelity", "seconds_total"]
+#: what the summary table groups by (means over seeds and the remaining factors): the factors people compare, each
+#: only if the sweep grid has it (``pool`` joins when :data:`FACTORS` has it)
+GROUP_BY = [c for c in ("victim", "policy", "pool", "strategy", "budget", "arch", "optimizer") if c in FACTORS]
+TABLE = [*GROUP_BY, "trials", "victim_utility", "victim_kl", "accuracy", "fidelity", "adversarial_fidelity",
+         "seconds_total"]
+#: where :func:`publish_report` puts the report in the parent run's artifacts
+ARTIFACT_DIR = "report"
+ROWS_FILE = "results.csv"
 
 
 @dataclass
@@ -83,12 +95,15 @@ def sweep_runs(sweep: str, experiment: str | None = None, parent: Any = None) ->
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds of every other factor combination."""
-    keys = ["victim", "policy", "strategy", "budget", "arch", "optimizer"]
+    """Mean over seeds of every other factor combination. A factor no trial recorded (a sweep from before the factor
+    existed) is left out rather than shown as a column of ``nan``."""
+    keys = [k for k in GROUP_BY if k in df and df[k].notna().any()]
     g = df.groupby(keys, dropna=False)
-    out = g[["accuracy", "fidelity", "adversarial_fidelity", "seconds_total"]].mean()
+    means = [c for c in TABLE if c in df and c not in GROUP_BY and c != "trials"]  # older runs lack victim_kl
+    out = g[means].mean()
     out["trials"] = g.size()
-    return out.reset_index()[TABLE]
+    out = out.reset_index()
+    return out[[c for c in TABLE if c in out and (c in keys or c not in GROUP_BY)]]
 
 
 def _text_table(df: pd.DataFrame) -> str:
@@ -128,23 +143,46 @@ def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    m = df.groupby("policy")[["victim_utility", "fidelity"]].mean().reset_index()
-    ax.scatter(m["victim_utility"], m["fidelity"])
-    for _, r in m.iterrows():
-        ax.annotate(str(r["policy"]), (r["victim_utility"], r["fidelity"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.set(xlabel="victim utility (accuracy of the API's labels)", ylabel="attacker fidelity (mean over trials)",
-           title="output policies: utility vs. extraction", xlim=(0, 1.05), ylim=(0, 1.05))
-    ax.grid(alpha=0.3)
+    # the defender's two costs: top-1 utility, and (when recorded) how far the answers are from the posterior (KL)
+    costs = [c for c in ("victim_utility", "victim_kl") if c in df and df[c].notna().any()]
+    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4), squeeze=False)
+    m = df.groupby("policy")[[*costs, "fidelity"]].mean().reset_index()
+    labels = {"victim_utility": "victim utility (accuracy of the API's labels)",
+              "victim_kl": "KL(victim posterior ‖ API answer), nats"}
+    for ax, cost in zip(axes[0], costs):
+        ax.scatter(m[cost], m["fidelity"])
+        for _, r in m.iterrows():
+            ax.annotate(str(r["policy"]), (r[cost], r["fidelity"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel=labels[cost], ylabel="attacker fidelity (mean over trials)", ylim=(0, 1.05),
+               title=f"output policies: {cost.removeprefix('victim_')} vs. extraction")
+        if cost == "victim_utility":
+            ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(sweep: str, out: Path | None = None, experiment: str | None = None) -> Report:
-    parent = sweep_parent(sweep, experiment)
+def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Path], parity: ParityResult | None,
+              parity_plot: Path | None, rows_file: str, plot_dir: str = "") -> str:
+    """The report as Markdown; ``plot_dir`` is where the images sit relative to it (``plots/`` in MLflow)."""
+    parity_md = parity_markdown(parity, parity_plot) if parity is not None else ""
+    if parity_plot is not None and plot_dir:
+        parity_md = parity_md.replace(f"]({parity_plot.name})", f"]({plot_dir}{parity_plot.name})")
+    return "\n".join([
+        f"# Sweep `{sweep}`", "",
+        f"{len(df)} finished trials, read from MLflow. Means over seeds; full rows in `{rows_file}`.", "",
+        _markdown_table(table), "",
+        *[f"![{p.stem}]({plot_dir}{p.name})" for p in plots], "",
+        *([parity_md] if parity is not None else [])])
+
+
+def write_report(sweep: str, out: Path | None = None, experiment: str | None = None, parent: Any = None) -> Report:
+    """Build the report of ``sweep`` (its newest parent run, or ``parent``) into ``out`` (default ``reports/SWEEP``).
+    Raises :class:`DmeError` when no trial of the sweep finished."""
+    parent = parent or sweep_parent(sweep, experiment)
     df = sweep_runs(sweep, experiment, parent)
     out = out or Path("reports") / sweep
     out.mkdir(parents=True, exist_ok=True)
@@ -152,17 +190,82 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
              _lines(df, "optimizer", out / "fidelity_vs_budget_by_optimizer.png", "fidelity vs budget, per optimizer"),
              _lines(df, "arch", out / "fidelity_vs_budget_by_arch.png", "fidelity vs budget, per piracy architecture"),
              _tradeoff(df, out / "policy_utility_vs_fidelity.png")]
+    if "pool" in df and df["pool"].nunique() > 1:  # the domain gap, and what each policy leaves the attacker per pool
+        both = df.assign(pool_policy=df["pool"].astype(str).map(lambda p: Path(p).name) + " · " + df["policy"])
+        plots.append(_lines(both, "pool_policy", out / "fidelity_vs_budget_by_pool_and_policy.png",
+                            "fidelity vs budget, per pool and output policy"))
     table = summary(df)
     df.to_csv(out / "trials.csv", index=False)
     paper = paper_table(_client(), parent.info.run_id)
     parity = compare(paper, df) if paper is not None else None
     parity_plot = write_parity(parity, out) if parity is not None else None
     md = out / "report.md"
-    md.write_text("\n".join([
-        f"# Sweep `{sweep}`", "",
-        f"{len(df)} finished trials, read from MLflow. Means over seeds; full rows in `trials.csv`.", "",
-        _markdown_table(table), "",
-        *[f"![{p.stem}]({p.name})" for p in plots], "",
-        *([parity_markdown(parity, parity_plot)] if parity is not None else [])]))
+    md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv"))
     text = _text_table(table) + (f"\n\n{parity_text(parity)}" if parity is not None else "")
     return Report(df, text, md, plots + ([parity_plot] if parity_plot else []), parity)
+
+
+def publish_report(sweep: str, parent_run_id: str, experiment: str | None = None) -> Report | None:
+    """Build the report of the sweep whose parent run is ``parent_run_id`` in a temporary folder and log it to that
+    run under ``report/``, so the MLflow UI holds everything a reader wants (see the module docstring); the parent
+    run's description becomes the sweep's description followed by the summary table.
+
+    Called by the sweep driver after the trials, before the parent run ends. It never raises: a report is a view of
+    results that are already in MLflow, so a failure here is logged as a warning and must not fail the sweep.
+    Returns the report, whose ``markdown`` and ``plots`` are artifact paths in the parent run (the temporary files are
+    gone), or ``None`` when no trial finished or publishing failed."""
+    try:
+        c = _client()
+        parent = c.get_run(parent_run_id)
+        with tempfile.TemporaryDirectory(prefix="dme-report-") as tmp:
+            out = Path(tmp)
+            try:
+                report = write_report(sweep, out, experiment, parent=parent)
+            except DmeError as e:
+                log.warning("no report logged for sweep %r: %s", sweep, e)
+                return None
+            return _upload(c, parent, sweep, report, out)
+    except Exception as e:
+        log.warning("could not log the report of sweep %r to its MLflow run %s: %s", sweep, parent_run_id, e,
+                    exc_info=True)
+        return None
+
+
+def _upload(c: Any, parent: Any, sweep: str, report: Report, out: Path) -> Report:
+    rid = parent.info.run_id
+    table = summary(report.frame)
+    plot_names = {p.name for p in report.plots}
+    md = _markdown(sweep, report.frame, table, [p for p in report.plots if p.stem != "parity"], report.parity,
+                   next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/")
+    (out / "report.md").write_text(md)
+    (out / "trials.csv").rename(out / ROWS_FILE)
+    (out / "report.html").write_text(report_html(sweep, md, report.plots, parent.data.tags.get(NOTE_TAG)))
+    for f in sorted(out.iterdir()):
+        if f.is_file():
+            c.log_artifact(rid, str(f), f"{ARTIFACT_DIR}/plots" if f.name in plot_names else ARTIFACT_DIR)
+    table_file = f"{ARTIFACT_DIR}/summary.json"
+    if table_file in {a.path for a in c.list_artifacts(rid, ARTIFACT_DIR)}:  # log_table would append to it
+        path = out / "summary.json"
+        table.to_json(path, orient="split", index=False)
+        c.log_artifact(rid, str(path), ARTIFACT_DIR)
+    else:
+        c.log_table(rid, table, table_file)
+    c.set_tag(rid, NOTE_TAG, _parent_description(parent.data.tags.get(NOTE_TAG), sweep, len(report.frame),
+                                                 _markdown_table(table)))
+    c.set_tag(rid, "dme.report", f"{ARTIFACT_DIR}/report.html")
+    log.info("report of sweep %r logged to MLflow run %s under %s/", sweep, rid, ARTIFACT_DIR)
+    return replace(report, markdown=Path(ARTIFACT_DIR) / "report.md",
+                   plots=[Path(ARTIFACT_DIR) / "plots" / p.name for p in report.plots])
+
+
+#: where the summary starts in the parent run's description (Markdown: an HTML comment would show as text)
+_SUMMARY_MARK = "**Summary** ("
+
+
+def _parent_description(current: str | None, sweep: str, trials: int, table_md: str) -> str:
+    """The run description the UI renders as Markdown: what was there (the spec's description) without an earlier
+    summary (a resumed sweep publishes again), then the summary table and where the rest is."""
+    head = (current or "").split(_SUMMARY_MARK, 1)[0].rstrip() or f"Sweep `{sweep}`."
+    return "\n\n".join([head, f"{_SUMMARY_MARK}{trials} finished trials, means over seeds):", table_md,
+                         f"Report: artifacts `{ARTIFACT_DIR}/report.html` (rendered), `{ARTIFACT_DIR}/report.md`, "
+                         f"`{ARTIFACT_DIR}/{ROWS_FILE}`, `{ARTIFACT_DIR}/plots/`."])

@@ -13,8 +13,9 @@ The driver
 5. runs a Tune grid, longest trials first (or an Optuna search, optionally with ASHA) with per-trial resources — GPUs
    only when the cluster has them, custom resources to place them — and retries failed trials; ``--resume NAME``
    restores the Tune experiment instead, so finished trials are not run again;
-6. ends the runs of attempts whose worker died, closes the parent run with a summary (and the sweep's own phases,
-   ``sweep_seconds_*``) and returns one row per trial.
+6. ends the runs of attempts whose worker died, publishes the report (summary table, Markdown, CSV, plots) on the
+   parent run, closes it with a summary (and the sweep's own phases, ``sweep_seconds_*``) and returns one row per
+   trial.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..data import load_pool
 from ..errors import DmeError
 from ..extraction import METRIC_NAMES
 from ..plugins import load_plugin
+from ..report import publish_report
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import victim_bundle_path
 from .progress import TrialProgress
@@ -91,39 +93,42 @@ def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
 
 
-def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True) -> SweepSpec:
+def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True) -> dict[str, dict[str, dict]]:
     """The strategies' once-per-sweep preparation (see :class:`~distributed_me.attacks.QueryStrategy`), before any
-    trial: every strategy of the grid that declares a ``prepare`` step runs it here, once, with a Ray Data actor pool
-    as its ``map_pool``; what it returns becomes that strategy's options in every trial, so trials read the product
-    instead of each recomputing it. Figures it records, and its wall time, go to the parent run as
-    ``prepare.STRATEGY.NAME``. Returns the spec the trials get."""
+    trial: every strategy of the grid that declares a ``prepare`` step runs it here, once per pool of the grid, with a
+    Ray Data actor pool as its ``map_pool``; what it returns is added to that strategy's options in every trial on
+    that pool, so trials read the product instead of each recomputing it. Figures it records, and its wall time, go
+    to the parent run as ``prepare.STRATEGY.NAME`` (``prepare.STRATEGY.POOL.NAME`` when the grid has several pools,
+    POOL being the pool's name). Returns ``{pool: {strategy: products}}`` for the trials."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
     from ..pools.features import ray_map_pool
 
     client = MlflowClient(tracking_uri())
-    options = {k: dict(v) for k, v in spec.attack.strategy_options.items()}
-    pool = None
-    for name in spec.attack.strategy:
-        cls = ATTACKS.get(name)
-        if not cls.prepares():
-            continue
-        pool = pool or load_pool(spec.pool, **spec.pool_options)
+    prepared: dict[str, dict[str, dict]] = {p: {} for p in spec.pool}
+    for pool_ref in spec.pool:
+        pool = None
+        for name in spec.attack.strategy:
+            cls = ATTACKS.get(name)
+            if not cls.prepares():
+                continue
+            pool = pool or load_pool(pool_ref, **spec.pool_options)
+            prefix = name if len(spec.pool) == 1 else f"{name}.{pool.name}"
 
-        def record(metrics: dict[str, float], tags: dict[str, str], name: str = name) -> None:
-            now = int(time.time() * 1000)
-            client.log_batch(parent_run_id, metrics=[Metric(f"prepare.{name}.{k}", float(v), now, 0)
-                                                     for k, v in metrics.items()],
-                             tags=[RunTag(f"dme.prepare.{name}.{k}", str(v)) for k, v in tags.items()])
+            def record(metrics: dict[str, float], tags: dict[str, str], prefix: str = prefix) -> None:
+                now = int(time.time() * 1000)
+                client.log_batch(parent_run_id, metrics=[Metric(f"prepare.{prefix}.{k}", float(v), now, 0)
+                                                         for k, v in metrics.items()],
+                                 tags=[RunTag(f"dme.prepare.{prefix}.{k}", str(v)) for k, v in tags.items()])
 
-        t0 = time.perf_counter()
-        log.info("preparing strategy %s on pool %s", name, pool.name)
-        products = cls(**options.get(name, {})).prepare(pool, PrepareContext(progress=progress, record=record,
-                                                                            map_pool=ray_map_pool(progress=progress)))
-        record({"seconds": time.perf_counter() - t0}, {k: str(v) for k, v in products.items()})
-        options[name] = {**options.get(name, {}), **products}
-    return spec.model_copy(update={"attack": spec.attack.model_copy(update={"strategy_options": options})})
+            t0 = time.perf_counter()
+            log.info("preparing strategy %s on pool %s", name, pool.name)
+            products = cls(**spec.attack.strategy_options.get(name, {})).prepare(
+                pool, PrepareContext(progress=progress, record=record, map_pool=ray_map_pool(progress=progress)))
+            record({"seconds": time.perf_counter() - t0}, {k: str(v) for k, v in products.items()})
+            prepared[pool_ref][name] = dict(products)
+    return prepared
 
 
 def ship_plugins(plugins: list[str]) -> None:
@@ -145,7 +150,8 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
         order = sorted(spec.grid(), key=lambda f: int(f["budget"]) * int(f["epochs"]), reverse=True)
         return {"factors": tune.grid_search(order), "ctx": ctx}
     a = spec.attack
-    axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "strategy": a.strategy,
+    axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "pool": spec.pool,
+            "strategy": a.strategy,
             "budget": a.budget, "arch": a.arch, "optimizer": a.optimizer, "lr": a.lr, "pretrained": a.pretrained,
             "augment": a.augment, "epochs": a.epochs, "seed": a.seed}
     factors: dict[str, Any] = {k: (v[0] if len(v) == 1 else tune.choice(v)) for k, v in axes.items()}
@@ -254,9 +260,9 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                                         http=bool(address or os.environ.get("RAY_ADDRESS")),
                                         port=int(os.environ.get("DME_SERVE_PORT", "8000")))
         with clock.phase("prepare"):
-            trial_spec = prepare_strategies(spec, parent, progress=on_progress is not None)
+            prepared = prepare_strategies(spec, parent, progress=on_progress is not None)
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
-        ctx = {"spec": trial_spec.model_dump(mode="json"), "app_name": app_name(spec.name),
+        ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s}
@@ -268,6 +274,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
+        with clock.phase("report"):  # summary table, report, CSV and plots onto the parent run (never raises)
+            publish_report(spec.name, parent, spec.experiment)
         rows, errors = [], []
         for res in grid:
             if res.error is not None:

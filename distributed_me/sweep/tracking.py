@@ -4,8 +4,26 @@ Explicit :class:`mlflow.MlflowClient` calls rather than the fluent API: trials r
 a process-global "active run" would be shared, and every run must end with a definite status (FINISHED, FAILED with
 the error, or KILLED when a resumed sweep finds a run its dead driver left RUNNING).
 
-Tags make a sweep filterable in the UI: ``dme.sweep``, ``dme.kind`` (``sweep`` / ``trial``), and on trials
-``dme.attack``, ``dme.victim``, ``dme.defense``, ``dme.budget``, ``dme.trial_id``.
+What the MLflow UI shows (``dme ui``), so that a sweep can be browsed there rather than only through ``dme report``:
+
+- the experiment's description says how its runs are laid out and how to filter them (:data:`BROWSE_GUIDE`);
+- the parent run, named ``sweep NAME``, has the sweep's ``description`` (and, once the trials are done, the summary
+  table: see :func:`distributed_me.report.publish_report`) as its run description, the spec as ``sweep.json``, and
+  the report under ``report/``;
+- a child run per trial attempt, named after its factors (:func:`trial_run_name`), with every factor of
+  :data:`~distributed_me.extraction.FACTORS` as a param, per-epoch curves as metrics with ``step = epoch``, and the
+  piracy model as an artifact.
+
+Filtering in the UI's search box (MLflow's search syntax: strings in single quotes, names with dots in backticks;
+params are strings, so numbers are quoted too)::
+
+    tags.`dme.sweep` = 'quickstart'                         every run of a sweep
+    tags.`dme.kind` = 'sweep'                               only the sweeps' parent runs
+    params.strategy = 'random' and params.budget = '250'    trials by factor (any name of FACTORS)
+    params.optimizer = 'adam' and metrics.fidelity > 0.5    factors and results together
+
+Tags on trials: ``dme.sweep``, ``dme.kind`` (``sweep`` / ``trial``), ``dme.attack``, ``dme.victim``,
+``dme.defense``, ``dme.budget``, ``dme.trial_key``, ``dme.trial_id``.
 """
 
 from __future__ import annotations
@@ -20,9 +38,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..tracking import ensure_experiment, git_commit, tracking_uri
+from ..tracking import NOTE_TAG, ensure_experiment, git_commit, tracking_uri
 
 log = logging.getLogger(__name__)
+
+#: the experiment description of sweep experiments: how the runs are laid out and filtered (shown atop the runs list)
+BROWSE_GUIDE = """Model-extraction sweeps recorded by `distributed_me`.
+
+- **Parent runs** (`sweep NAME`, tag `dme.kind` = `sweep`): the sweep's description and summary table, the spec
+  (`sweep.json`) and the report: `report/report.html` (rendered), `report/report.md`, `report/results.csv` (one row
+  per finished trial), `report/summary.json` (table) and `report/plots/*.png`.
+- **Child runs**, one per trial attempt, named after their factors: every factor is a param, per-epoch curves are
+  metrics (step = epoch), the piracy model is the artifact `piracy_model.pt`.
+
+Filter in the search box (strings in single quotes; params are strings, numbers too):
+
+- a sweep's runs: ``tags.`dme.sweep` = 'quickstart'``
+- trials by factor: ``params.strategy = 'random' and params.budget = '250'``
+- factors and results: ``params.optimizer = 'adam' and metrics.fidelity > 0.5``
+"""
 
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "timm", "optuna", "numpy", "pydantic", "distributed_me")
 
@@ -57,13 +91,46 @@ def find_parent(experiment: str, sweep: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def parent_note(sweep: str, description: str | None) -> str:
+    """The parent run's description before the report exists: the spec's description and where to look next."""
+    text = description.strip() if description else f"Sweep `{sweep}`."
+    return (f"{text}\n\nTrials: the child runs below this one (filter ``tags.`dme.sweep` = '{sweep}'``); the report "
+            "appears under the artifacts' `report/` once the trials are done.")
+
+
+def trial_run_name(factors: dict[str, Any]) -> str:
+    """A run name a person can read in the runs list, e.g. ``random · digits/label · 250 queries · cnn32 adam ·
+    seed 0``: the factors people compare first, then any set option (lr, pretrained, augment, pool...)."""
+    f = {k: v for k, v in factors.items() if v is not None and str(v) not in ("None", "")}
+    parts = [str(f.get("strategy", "trial"))]
+    if "victim" in f or "policy" in f:
+        parts.append("/".join(str(f[k]) for k in ("victim", "policy") if k in f))
+    if "budget" in f:
+        parts.append(f"{f['budget']} queries")
+    model = " ".join(str(f[k]) for k in ("arch", "optimizer") if k in f)
+    if "lr" in f:
+        model += f" lr={f['lr']}"
+    if model:
+        parts.append(model.strip())
+    shown = {"strategy", "victim", "policy", "budget", "arch", "optimizer", "lr", "seed"}
+    for k, v in f.items():
+        if k in shown or v is False or str(v) == "False":
+            continue
+        shown_value = Path(str(v)).name if k == "pool" else v  # a pool may be a folder: its name is enough
+        parts.append(k if v is True or str(v) == "True" else f"{k} {shown_value}")
+    if "seed" in f:
+        parts.append(f"seed {f['seed']}")
+    return " · ".join(parts)
+
+
 def start_parent(experiment: str, sweep: str, spec: dict, cluster: dict[str, float], preset: str | None) -> str:
-    """Create the sweep's parent run with the spec as an artifact, git commit, package versions, cluster resources."""
-    exp_id = ensure_experiment(experiment)
+    """Create the sweep's parent run with the spec as an artifact, git commit, package versions, cluster resources;
+    the experiment gets :data:`BROWSE_GUIDE` as its description when it has none, the run the spec's description."""
+    exp_id = ensure_experiment(experiment, description=BROWSE_GUIDE)
     c = client()
     run = c.create_run(exp_id, run_name=f"sweep {sweep}", tags={
         "dme.kind": "sweep", "dme.sweep": sweep, "dme.git_commit": git_commit(), "dme.preset": preset or "",
-        "dme.python": platform.python_version()})
+        "dme.python": platform.python_version(), NOTE_TAG: parent_note(sweep, spec.get("description"))})
     rid = run.info.run_id
     from mlflow.entities import Param
 
@@ -127,9 +194,11 @@ def finished_trial(experiment_id: str, parent_run_id: str, key: str):
 
 
 class TrialRun:
-    """A child run for one trial attempt; use as a context manager so it always ends with a status."""
+    """A child run for one trial attempt; use as a context manager so it always ends with a status. Every factor is
+    a param (what the UI filters on: ``params.NAME = 'VALUE'``); ``name=None`` names the run by
+    :func:`trial_run_name`."""
 
-    def __init__(self, experiment_id: str, parent_run_id: str, sweep: str, name: str, factors: dict[str, Any],
+    def __init__(self, experiment_id: str, parent_run_id: str, sweep: str, name: str | None, factors: dict[str, Any],
                  extra_tags: dict[str, str] | None = None, extra_params: dict[str, Any] | None = None):
         self.client = client()
         tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
@@ -137,7 +206,8 @@ class TrialRun:
                 "dme.defense": str(factors["policy"]), "dme.budget": str(factors["budget"]),
                 "dme.trial_key": trial_key(factors),
                 "dme.git_commit": git_commit(), **(extra_tags or {})}
-        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        self.run_id = self.client.create_run(experiment_id, run_name=name or trial_run_name(factors),
+                                             tags=tags).info.run_id
         from mlflow.entities import Param
 
         params = {**factors, **{k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v
