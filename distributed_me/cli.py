@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_help import HelpFormatter, names, preparing_strategies, serve_epilog, sweep_epilog
 from .errors import DmeError, explain_validation_error
+from .plugins import load_plugins
 
 
 def _table(rows: list[tuple[str, str]], title: str = "") -> str:
@@ -158,8 +160,17 @@ def trial_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-SWEEP_COLUMNS = ["victim", "policy", "strategy", "budget", "arch", "optimizer", "lr", "seed", "victim_utility",
-                 "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds_total"]
+#: the final table of `dme sweep`: the factors that name a trial (the pool one too, now a grid axis), then results
+SWEEP_COLUMNS = ["victim", "policy", "pool", "strategy", "budget", "arch", "optimizer", "lr", "seed", "victim_utility",
+                 "victim_kl", "accuracy", "fidelity", "adversarial_fidelity", "queries_used", "seconds_total"]
+_SWEEP_FACTOR_COLUMNS = SWEEP_COLUMNS[:SWEEP_COLUMNS.index("victim_utility")]
+
+
+def _sort_key(v: object) -> tuple[int, float, str]:
+    """Numbers in numeric order (budget 300 before 1000), before strings; ``None`` last."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v)) if v is not None else (2, 0.0, "")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -179,13 +190,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                     on_progress=None if args.quiet else (lambda line: print(line, flush=True)), fresh=args.fresh)
-    rows = sorted(out.rows, key=lambda r: tuple(str(r.get(c)) for c in SWEEP_COLUMNS[:8]))
+    rows = sorted(out.rows, key=lambda r: tuple(_sort_key(r.get(c)) for c in _SWEEP_FACTOR_COLUMNS))
     print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
           f"(MLflow parent run {out.parent_run_id})")
     print(trial_table(rows, SWEEP_COLUMNS))
     for e in out.errors:
         print(f"failed: {e}", file=sys.stderr)
-    print(f"\nBrowse: dme ui    Report: dme report {out.name}")
+    print(f"\nBrowse: dme ui    Report: dme report {out.name}    Across sweeps: dme leaderboard")
     return 1 if out.errors else 0
 
 
@@ -302,16 +313,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dme", description="Benchmark model-extraction attacks and defenses.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p = argparse.ArgumentParser(prog="dme", description="Benchmark model-extraction attacks and defenses.",
+                                formatter_class=HelpFormatter)
+    _common_args(p, argparse.SUPPRESS)
+    # every subcommand takes them too (`dme sweep X -v`), without overriding the ones given before it
+    common = argparse.ArgumentParser(add_help=False)
+    _common_args(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    tv = sub.add_parser("train-victim", help="train a victim classifier, write its bundle, register it in MLflow")
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common], formatter_class=HelpFormatter, **kw)
+
+    tv = command("train-victim", help="train a victim classifier, write its bundle, register it in MLflow")
     tv.add_argument("--dataset", help="dataset name, labeled .npz (train file) or image folder; default: embedded "
-                                      "digits")
-    tv.add_argument("--arch", help="model architecture (default cnn32)")
+                                      f"digits; datasets: {names('datasets')}")
+    tv.add_argument("--arch", help=f"model architecture (default cnn32): {names('architectures')}")
     tv.add_argument("--epochs", type=int)
-    tv.add_argument("--optimizer", default="adam")
+    tv.add_argument("--optimizer", default="adam", help=f"(default adam): {names('optimizers')}")
     tv.add_argument("--lr", type=float, default=1e-3)
     tv.add_argument("--batch-size", type=int, default=64)
     tv.add_argument("--img-size", type=int, help="input size (default: the dataset's)")
@@ -325,23 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("-q", "--quiet", action="store_true")
     tv.set_defaults(func=cmd_train_victim)
 
-    at = sub.add_parser("attack", help="run one extraction in process and print the result")
+    at = command("attack", help="run one extraction in process and print the result")
     at.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
                                                           "(default: the embedded digits victim)")
-    at.add_argument("--pool", default=None, help="pool name, dataset name or .npz path (default: embedded photos)")
+    at.add_argument("--pool", default=None, help="pool name, dataset name or .npz path (default: embedded photos); "
+                                                 f"pools: {names('pools')}; datasets: {names('datasets')}")
     # attacker choices default to None: AttackSpec owns the defaults (shown in the help from there)
     at.add_argument("--budget", type=int, help=f"queries (default {_default('budget')})")
-    at.add_argument("--strategy", help=f"query strategy (default {_default('strategy')}): {_names('attacks')}")
+    at.add_argument("--strategy", help=f"query strategy (default {_default('strategy')}): {names('strategies')}")
     at.add_argument("--strategy-option", action="append", metavar="KEY=VALUE")
-    at.add_argument("--arch", help=f"piracy model architecture (default {_default('arch')}): {_names('models')}")
+    at.add_argument("--arch", help=f"piracy model architecture (default {_default('arch')}): "
+                                       f"{names('architectures')}")
     at.add_argument("--pretrained", help="'true' for hub weights or a local checkpoint path")
-    at.add_argument("--optimizer", help=f"(default {_default('optimizer')}): {_names('optimizers')}")
+    at.add_argument("--optimizer", help=f"(default {_default('optimizer')}): {names('optimizers')}")
     at.add_argument("--lr", type=float, help="learning rate (default: the optimizer's paper default)")
     at.add_argument("--epochs", type=int, help=f"piracy training epochs (default {_default('epochs')})")
     at.add_argument("--batch-size", type=int, help=f"(default {_default('batch_size')})")
     at.add_argument("--no-augment", action="store_true")
     at.add_argument("--output-policy", default="probabilities", help="a chain such as round:2,topk:1; policies: "
-                                                                    f"{_names('policies')}")
+                                                                    f"{names('output policies')}")
     at.add_argument("--seed", type=int, help=f"(default {_default('seed')})")
     at.add_argument("--adv-samples", type=int, help="test images used for adversarial fidelity (default: all)")
     _data_args(at)
@@ -355,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("-q", "--quiet", action="store_true")
     at.set_defaults(func=cmd_attack)
 
-    sv = sub.add_parser("serve", help="host victims as an MLaaS API on Ray Serve (127.0.0.1 by default)")
+    sv = command("serve", help="host victims as an MLaaS API on Ray Serve (127.0.0.1 by default)",
+                 epilog=serve_epilog())
     sv.add_argument("config", nargs="?", default="deployments/local.yaml", help="Serve config YAML")
     sv.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one) instead of "
                                       "starting a private one")
@@ -366,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--detach", action="store_true", help="deploy and exit (with --address: the service stays up)")
     sv.set_defaults(func=cmd_serve)
 
-    sw = sub.add_parser("sweep", help="run a sweep of attack trials on Ray Tune against victims on Ray Serve")
+    sw = command("sweep", help="run a sweep of attack trials on Ray Tune against victims on Ray Serve",
+                 epilog=sweep_epilog())
     sw.add_argument("spec", nargs="?", help="sweep YAML (default sweeps/quickstart.yaml)")
     sw.add_argument("--preset", help="apply one of the sweep's presets (e.g. cpu-small, full)")
     sw.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -380,11 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=cmd_sweep)
 
-    po = sub.add_parser("pool", help="pools at scale: Parquet shards, Ray Data feature passes")
+    po = command("pool", help="pools at scale: Parquet shards, Ray Data feature passes")
     pos = po.add_subparsers(dest="pool_command", required=True)
-    pb = pos.add_parser("build", help="convert a pool (name, .npz, ImageNet64 batch dir, image folder) into Parquet "
-                                      "shards with stable sample ids")
-    pb.add_argument("source", help="pool name, dataset name, .npz, ImageNet64 batch directory or image folder")
+    pb = pos.add_parser("build", parents=[common], formatter_class=HelpFormatter,
+                        help="convert a pool (name, .npz, ImageNet64 batch dir, image folder) into Parquet shards "
+                             "with stable sample ids")
+    pb.add_argument("source", help="pool name, dataset name, .npz, ImageNet64 batch directory or image folder; "
+                                   f"pools: {names('pools')}; datasets: {names('datasets')}")
     pb.add_argument("out", help="output directory (a new one)")
     pb.add_argument("--rows-per-shard", type=int, default=50_000)
     pb.add_argument("--row-group-size", type=int, default=1024)
@@ -394,10 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(pb)
     pb.add_argument("-q", "--quiet", action="store_true")
     pb.set_defaults(func=cmd_pool_build)
-    pf = pos.add_parser("features", help="run a strategy's once-per-sweep preparation for a pool (e.g. reference "
-                                         "models and a Ray Data feature pass), cached where its trials read it")
-    pf.add_argument("pool", help="pool (a Parquet pool directory streams shard by shard)")
-    pf.add_argument("--strategy", required=True, help="a strategy with a preparation step")
+    pf = pos.add_parser("features", parents=[common], formatter_class=HelpFormatter,
+                        help="run a strategy's once-per-sweep preparation for a pool (e.g. reference models and a "
+                             "Ray Data feature pass), cached where its trials read it")
+    pf.add_argument("pool", help="pool name, dataset name or path (a Parquet pool directory streams shard by "
+                                 f"shard); pools: {names('pools')}; datasets: {names('datasets')}")
+    pf.add_argument("--strategy", required=True, help="a strategy with a preparation step: "
+                                                      f"{preparing_strategies()}")
     pf.add_argument("--strategy-option", action="append", metavar="KEY=VALUE",
                     help="the strategy's options that define what is prepared, e.g. n_reference=4")
     pf.add_argument("--actors", type=int, default=2)
@@ -408,24 +435,29 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("-q", "--quiet", action="store_true")
     pf.set_defaults(func=cmd_pool_features)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store, bound to 127.0.0.1")
+    ui = command("ui", help="start the MLflow UI on the tracking store, bound to 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--sweep", help="open filtered to this sweep's runs")
     ui.set_defaults(func=cmd_ui)
 
-    rp = sub.add_parser("report", help="Markdown report with PNG plots of a sweep, read from MLflow")
+    rp = command("report", help="Markdown report with PNG plots of a sweep, read from MLflow")
     rp.add_argument("sweep", help="sweep name")
     rp.add_argument("--out", help="folder (default reports/SWEEP)")
     rp.add_argument("--experiment", default=None, help="MLflow experiment (default: found by the sweep's tag)")
     rp.set_defaults(func=cmd_report)
 
-    bn = sub.add_parser("bench", help="benchmarks (speed, memory, quality) → bench-results/NAME.json")
+    from .report.leaderboard import add_parser as add_leaderboard_parser  # here: keeps `import cli` light
+
+    add_leaderboard_parser(sub, parents=[common], formatter_class=HelpFormatter)
+
+    bn = command("bench", help="benchmarks (speed, memory, quality) → bench-results/NAME.json")
     bn.add_argument("name", help="benchmark name, e.g. extraction")
     bn.add_argument("--data-dir", default=None, help="folder with the shared .npz data (default: ../shared/data)")
     bn.add_argument("--epochs", type=int, default=None)
     bn.add_argument("--quick", action="store_true", help="a small version for smoke tests")
     bn.add_argument("--victim", default=None, help="victim of the serve bench: a bundle folder or name "
                                                    "(default: the embedded one)")
+    bn.add_argument("--sweep", default=None, help="sweep the mlflow-ui bench opens (default: quickstart)")
     bn.add_argument("--out", default="bench-results")
     bn.set_defaults(func=cmd_bench)
     return p
@@ -437,14 +469,12 @@ def _default(field: str) -> object:
     return AttackSpec.model_fields[field].default
 
 
-def _names(kind: str) -> str:
-    """The registered names of one kind, for --help (the registries fill on import)."""
-    from .attacks import ATTACKS
-    from .defenses import POLICIES
-    from .models import MODELS
-    from .train import OPTIMIZERS
-
-    return ", ".join({"attacks": ATTACKS, "models": MODELS, "optimizers": OPTIMIZERS, "policies": POLICIES}[kind])
+def _common_args(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log at INFO level, Ray's, Serve's and MLflow's loggers included")
+    p.add_argument("--plugin", action="append", default=default, metavar="FILE.py|MODULE",
+                   help="import a module that registers attacks, defenses, models, … first (repeatable); its names "
+                        "then show in --help too (a sweep file lists its own under `plugins`: its trials load them)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -453,12 +483,21 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # MLflow logs its store's set-up at INFO ("Creating initial MLflow database tables..."): on the user's terminal
-    # (and in the Ray workers this process starts, which inherit it) only with -v
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if args.verbose else "WARNING")
-    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())  # if MLflow is loaded already
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    standalone = argv is None
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # plugins first: their names belong in the parser's choices and --help, which are built from the registries
+        early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        early.add_argument("--plugin", action="append", default=[])
+        load_plugins(early.parse_known_args(argv)[0].plugin)
+        args = build_parser().parse_args(argv)
+    except DmeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verbose = bool(getattr(args, "verbose", False))
+    # the process-wide Ray settings only when this process is `dme` itself, not a library call of main([...])
+    _quiet_third_parties(verbose, private_ray=standalone and not getattr(args, "address", None))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
@@ -470,6 +509,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_third_parties(verbose: bool, private_ray: bool) -> None:
+    """Ray's, Serve's and MLflow's INFO chatter only with ``-v``; set through the environment too, which the workers
+    of a private Ray cluster (and MLflow in them) inherit."""
+    from .serving.runtime import set_ray_log_level
+
+    # MLflow logs its store's set-up at INFO ("Creating initial MLflow database tables..."); a level the user set
+    # stays, except that -v brings INFO back
+    if verbose and logging.getLevelName(os.environ.get("MLFLOW_LOGGING_LEVEL", "INFO").upper()) != logging.DEBUG:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    if not verbose:  # MLflow writes "🏃 View run NAME at: URL" to stdout (not a log line) at the end of every run,
+        # and a progress bar for every artifact a report reads back (one small JSON)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())  # if MLflow is loaded already
+    set_ray_log_level(logging.INFO if verbose else logging.WARNING)
+    # A private cluster keeps Ray's own default, token authentication (no other local process can attach to it), but
+    # chosen here rather than left to Ray, which warns on every start that it chose it. Ray reads the mode when it
+    # is imported, so only before that; never when joining a cluster (`--address`, RAY_ADDRESS: its mode rules)
+    if private_ray and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_bad_input_is_one_clear_error(capsys, argv, needle):
      "attack strategy 'random' has no preparation step, so there is nothing to compute for a pool; strategies with "
      "one: swifttheft"),
     (["pool", "features", "photos", "--strategy", "nope"], "valid attack strategy names: activethief-dfal"),
-    (["bench", "nope"], "unknown benchmark 'nope'; valid benchmark names: extraction, selection, serve, sweep"),
+    (["bench", "nope"], "unknown benchmark 'nope'; valid benchmark names: extraction, "),
     (["sweep", "--resume", "no-such-sweep"], "no sweep named 'no-such-sweep' to resume"),
     (["sweep", "sweeps/quickstart.yaml", "--preset", "nope"], "unknown preset 'nope'; this sweep has: smoke"),
     (["sweep", "sweeps/quickstart.yaml", "--set", "resources"], "--set takes DOTTED.FIELD=VALUE"),
@@ -183,3 +183,122 @@ def test_dme_serve_stops_cleanly_on_sigterm(tmp_path):
     assert proc.returncode == 0 and "SIGTERM received" not in out, out[-3000:]
     assert not listening_addresses(port)
     assert list(log.glob("part-*.parquet")) and read_query_log(log)["count"].to_pylist() == [5]
+
+
+# ------------------------------------------------------------------ --help lists the registered names
+def _registries() -> dict:
+    from distributed_me.attacks import ATTACKS
+    from distributed_me.data import DATASETS, POOLS
+    from distributed_me.defenses import POLICIES
+    from distributed_me.models import MODELS
+    from distributed_me.train import OPTIMIZERS
+
+    return {"strategies": ATTACKS, "architectures": MODELS, "optimizers": OPTIMIZERS, "policies": POLICIES,
+            "datasets": DATASETS, "pools": POOLS}
+
+
+#: which registries' names each command's --help must list, every one of them
+HELP_LISTS = {
+    ("train-victim",): ("datasets", "architectures", "optimizers"),
+    ("attack",): ("strategies", "architectures", "optimizers", "policies", "datasets", "pools"),
+    ("sweep",): ("strategies", "architectures", "optimizers", "policies", "datasets", "pools"),
+    ("serve",): ("policies",),
+    ("pool", "build"): ("datasets", "pools"),
+    ("pool", "features"): ("datasets", "pools"),
+}
+
+
+def _help(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _words(text: str) -> set[str]:
+    """The help as whole words: a name wrapped at a hyphen, or only a prefix of a longer one, does not count."""
+    import re
+
+    return set(re.split(r"[\s,;:()]+", text))
+
+
+@pytest.mark.parametrize("command", list(HELP_LISTS), ids=" ".join)
+def test_every_help_lists_every_registered_name(capsys, monkeypatch, command):
+    """Generated from the registries at parser build time; a narrow terminal wraps more, and must not split a name."""
+    monkeypatch.setenv("COLUMNS", "50")
+    words = _words(_help(capsys, *command))
+    registries = _registries()
+    for kind in HELP_LISTS[command]:
+        missing = [n for n in registries[kind].names() if n not in words]
+        assert not missing, f"dme {' '.join(command)} --help lacks these {kind}: {missing}"
+
+
+def test_pool_features_help_lists_the_strategies_with_a_preparation_step(capsys):
+    from distributed_me.attacks import ATTACKS
+
+    words = _words(_help(capsys, "pool", "features"))
+    preparing = [n for n in ATTACKS.names() if ATTACKS.get(n).prepares()]
+    assert preparing and all(n in words for n in preparing)
+    assert not [n for n in ATTACKS.names() if n not in preparing and n in words]
+
+
+def test_a_plugins_names_show_in_help_when_it_is_loaded_first():
+    """`dme --plugin FILE` imports the plugin before the parser is built (in a fresh process: the registries of this
+    one must not learn the plugin's name)."""
+    plugin = str(ROOT / "tests" / "plugins" / "toy_prepared.py")
+    out = subprocess.run([sys.executable, "-m", "distributed_me.cli", "--plugin", plugin, "pool", "features",
+                          "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "toy-prepared" in _words(out.stdout)
+    missing = subprocess.run([sys.executable, "-m", "distributed_me.cli", "--plugin", "nope.py", "attack"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: plugin file 'nope.py' not found")
+
+
+# ------------------------------------------------------------------ Ray, Serve and MLflow chatter only with -v
+#: a line that Ray's or Serve's loggers wrote at INFO or WARNING (in the driver, or a worker's line forwarded to it)
+_RAY_LINE = (r"^(\x1b\[3\dm)?(\(\w+ pid=\d+\)(\x1b\[0m)? )?("
+             r"(INFO|WARNING) \d{4}-\d\d-\d\d [\d:,]+ serve \d+ -- "  # Serve's format
+             r"|\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) \S+\.py:\d+ -- )")  # Ray's and Tune's
+
+
+def _chatter(output: str) -> list[str]:
+    import re
+
+    return [line for line in output.splitlines() if re.search(_RAY_LINE, line)
+            or "(run_trial pid=" in line or "Token authentication is enabled" in line
+            or re.match(r"^(INFO|WARNING) mlflow", line) or "View run " in line]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.mlflow_server
+def test_sweep_console_is_quiet_by_default_and_verbose_with_v(sweep_env):
+    """`dme sweep` prints its progress lines and table; Ray's, Serve's and MLflow's INFO/WARNING lines (driver and
+    workers) only with -v. Errors would still show: nothing here lowers a logger below WARNING's neighbour ERROR."""
+    import yaml
+
+    spec = sweep_env["dir"] / "quiet.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "quiet", "experiment": "test-sweeps", "pool": "photos", "pool_options": {"n": 200},
+        "victims": [{"name": "digits", "source": "embedded"}], "policies": ["probabilities"],
+        "attack": {"strategy": "random", "budget": 40, "arch": "tiny_cnn", "optimizer": "adam", "epochs": 1},
+        "adv_eval_samples": 10, "resources": {"cpus_per_trial": 1}, "retries": 0}))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "DME_RAY_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL", "RAY_ADDRESS",
+                        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")}
+    env["PYTHONUNBUFFERED"] = "1"
+
+    def sweep(*extra: str) -> str:
+        out = subprocess.run([str(Path(sys.executable).parent / "dme"), "sweep", str(spec), "--num-cpus", "2",
+                              "--fresh", *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        both = out.stdout + out.stderr
+        assert out.returncode == 0, both[-3000:]
+        assert "[1/1] finished" in out.stdout and "sweep 'quiet': 1 trials done, 0 failed" in out.stdout
+        return both
+
+    quiet = sweep()
+    assert _chatter(quiet) == [], quiet[-3000:]
+    loud = sweep("-v")
+    assert any(" serve " in line and "INFO" in line for line in _chatter(loud)), loud[-3000:]
+    assert "Started a local Ray instance" in loud and "View run " in loud

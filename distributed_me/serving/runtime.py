@@ -21,6 +21,35 @@ DEFAULT_APP = "dme"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
+#: the level of Ray's console loggers (Ray, Serve, Tune, Data), WARNING unless ``dme -v``. An environment variable, so
+#: that the workers of a private cluster, which inherit the driver's environment, use the same level as the driver
+RAY_LOG_LEVEL_ENV = "DME_RAY_LOG_LEVEL"
+#: Serve configures its logger itself (its own handler, no propagation, INFO) when ``ray.serve`` is imported, and Ray
+#: Data too: their levels are set after that import, not inherited from ``ray``
+_RAY_LOGGERS = ("ray", "ray.serve", "ray.tune", "ray.data")
+
+
+def set_ray_log_level(level: int) -> None:
+    """Ray's loggers at ``level`` in this process and, through the environment, in the workers it starts."""
+    os.environ[RAY_LOG_LEVEL_ENV] = logging.getLevelName(level)
+
+
+def ray_log_level() -> int:
+    """The level asked for by :func:`set_ray_log_level` (in this process or the driver that started it)."""
+    level = logging.getLevelName(os.environ.get(RAY_LOG_LEVEL_ENV, "WARNING").upper())
+    return level if isinstance(level, int) else logging.WARNING
+
+
+def quiet_ray_loggers() -> None:
+    """Apply :func:`ray_log_level` to Ray's loggers: Serve's INFO lines ("Started Serve", "Application … is ready",
+    "Deleting app", a worker's "Started <…LongPollClient>") and Ray's own stay off the console unless ``-v``. Errors
+    and warnings still show; replicas keep logging to their files. Call it after ``ray.serve`` is imported (its import
+    resets the Serve logger), in every process that makes Serve calls."""
+    import ray.serve  # noqa: F401  (configures Serve's logger; the level set below must come after)
+
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(ray_log_level())
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Connect to ``address`` or start a private single-node cluster on loopback (no-op when already connected)."""
@@ -30,11 +59,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         return
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=ray_log_level())
     else:
         # address="local": always a new private cluster, never one a `ray start` left behind on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=DEFAULT_HOST,
-                 logging_level=logging.WARNING)
+                 logging_level=ray_log_level())
+    quiet_ray_loggers()
     log.info("ray cluster resources: %s", ray.cluster_resources())
 
 
@@ -112,6 +142,7 @@ def wait_until_ready(app_name: str, timeout: float = 600.0, every: float = 0.2) 
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
+    quiet_ray_loggers()  # a trial worker calls this before its first Serve handle
     t0 = time.monotonic()
     while True:
         try:
