@@ -336,8 +336,9 @@ def test_pool_strategies_in_a_sweep_over_a_parquet_pool(sweep_env):
 
 def test_a_plugin_strategy_with_a_preparation_step_runs_in_a_sweep(sweep_env, tmp_path):
     """The lifecycle: a strategy the package has never heard of (a plugin file) declares ``prepare``; the sweep runs
-    it once, before the trials, through Ray Data, and every trial reads its product (the toy refuses to run
-    unprepared). No sweep code names it."""
+    it once per pool of the grid, before the trials, through Ray Data, and every trial reads its own pool's product
+    (the toy refuses to run unprepared; each trial's run records the product it was given). No sweep code names it.
+    Each pool gets its own loader options."""
     from mlflow import MlflowClient
 
     from distributed_me.data import load_pool
@@ -347,19 +348,27 @@ def test_a_plugin_strategy_with_a_preparation_step_runs_in_a_sweep(sweep_env, tm
 
     plugin = str(ROOT / "tests" / "plugins" / "toy_prepared.py")
     marker = tmp_path / "marker"
-    doc = _doc("lifecycle", plugins=[plugin], policies=["probabilities"],
+    doc = _doc("lifecycle", plugins=[plugin], policies=["probabilities"], pool=["photos", "digits-unseen"],
                attack={"strategy": "toy-prepared", "strategy_options": {"toy-prepared": {"marker_dir": str(marker)}},
-                       "optimizer": ["adam", "sgd"]})
+                       "optimizer": "adam"})
+    doc["pool_options"] = {"photos": {"n": 2000}, "digits-unseen": {"variants": 2}}
     try:
         out = run_sweep(parse_sweep(doc), num_cpus=2)
     finally:
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 2 and all(r["completed"] for r in out.rows)
-    assert len([p for p in marker.iterdir() if p.name.startswith("prepare-")]) == 1  # once, not once per trial
-    pool = load_pool("photos", n=2000)
-    feats = read_features(marker / "brightness.parquet", pool)
-    np.testing.assert_allclose(feats[:, 0], pool.get(np.arange(len(pool))).reshape(len(pool), -1).mean(1), rtol=1e-5)
+    assert {r["pool"] for r in out.rows} == {"photos", "digits-unseen"}
+    assert len([p for p in marker.iterdir() if p.name.startswith("prepare-")]) == 2  # once per pool, not per trial
     parent = MlflowClient(sweep_env["uri"]).get_run(out.parent_run_id).data
-    assert parent.metrics["prepare.toy-prepared.images"] == 2000 and parent.metrics["prepare.toy-prepared.seconds"] > 0
-    assert parent.tags["dme.prepare.toy-prepared.features"] == str(marker / "brightness.parquet")
+    for name, options in (("photos", {"n": 2000}), ("digits-unseen", {"variants": 2})):
+        pool = load_pool(name, **options)
+        feats = read_features(marker / f"brightness-{name}.parquet", pool)
+        np.testing.assert_allclose(feats[:, 0], pool.get(np.arange(len(pool))).reshape(len(pool), -1).mean(1),
+                                   rtol=1e-5)
+        assert parent.metrics[f"prepare.toy-prepared.{name}.images"] == len(pool)
+        assert parent.metrics[f"prepare.toy-prepared.{name}.seconds"] > 0
+        assert parent.tags[f"dme.prepare.toy-prepared.{name}.features"] == str(marker / f"brightness-{name}.parquet")
     assert all(r["seconds_setup"] > 0 and r["queries_used"] == 60 for r in out.rows)
+    given = {t.data.params["pool"]: json.loads(t.data.params["strategy_options"])["features"]
+             for t in _runs(sweep_env["uri"], "lifecycle") if t.info.status == "FINISHED"}
+    assert given == {name: str(marker / f"brightness-{name}.parquet") for name in ("photos", "digits-unseen")}

@@ -177,3 +177,13 @@ def test_kuberay_rayjob_runs_a_valid_sweep_whose_placement_the_cluster_can_satis
             declared[k] = declared.get(k, 0) + v * group["replicas"]
     wanted = {**spec.resources.serve_resources, **spec.resources.trial_resources}
     assert wanted and set(wanted) <= set(declared), (wanted, declared)
+
+
+def test_pool_options_are_shared_or_per_pool_never_mixed():
+    two = {"name": "p", "pool": ["photos", "digits-unseen"]}
+    spec = parse_sweep({**two, "pool_options": {"photos": {"n": 50}, "digits-unseen": {"variants": 2}}})
+    assert spec.options_for("photos") == {"n": 50} and spec.options_for("digits-unseen") == {"variants": 2}
+    assert parse_sweep({**two, "pool_options": {"seed": 3}}).options_for("photos") == {"seed": 3}  # shared
+    assert parse_sweep({"name": "p", "pool_options": {"n": 50}}).options_for("photos") == {"n": 50}
+    with pytest.raises(DmeError, match=r"pool_options mixes per-pool mappings \(photos\) with other keys \(n\)"):
+        parse_sweep({**two, "pool_options": {"n": 2000, "photos": {"n": 50}}})

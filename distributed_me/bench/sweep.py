@@ -63,7 +63,7 @@ def _loop(spec, threads: int) -> tuple[float, list[float], list[float]]:
     try:
         t0 = time.perf_counter()
         victim = load_victim(None)
-        evaluator, pools = evaluator_for(victim), {p: load_pool(p, **spec.pool_options) for p in spec.pool}
+        evaluator, pools = evaluator_for(victim), {p: load_pool(p, **spec.options_for(p)) for p in spec.pool}
         fids, totals = [], []
         for f in spec.grid():
             a = AttackSpec(strategy=f["strategy"], budget=f["budget"], arch=f["arch"], optimizer=f["optimizer"],

@@ -113,7 +113,7 @@ def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = Tru
             cls = ATTACKS.get(name)
             if not cls.prepares():
                 continue
-            pool = pool or load_pool(pool_ref, **spec.pool_options)
+            pool = pool or load_pool(pool_ref, **spec.options_for(pool_ref))
             prefix = name if len(spec.pool) == 1 else f"{name}.{pool.name}"
 
             def record(metrics: dict[str, float], tags: dict[str, str], prefix: str = prefix) -> None:

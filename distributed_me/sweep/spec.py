@@ -39,6 +39,15 @@ def _listify(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def options_for_pool(pool_options: dict[str, Any], pools: list[str], pool: str) -> dict[str, Any]:
+    """The loader options of ``pool``: its own mapping when ``pool_options`` is keyed by pools of the grid (and there
+    are several), else ``pool_options`` as it is, shared by every pool."""
+    o = pool_options
+    if len(pools) > 1 and o and set(o) <= set(pools) and all(isinstance(v, dict) for v in o.values()):
+        return dict(o.get(pool, {}))
+    return dict(o)
+
+
 class VictimRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: SafeName
@@ -179,7 +188,9 @@ class SweepSpec(BaseModel):
     experiment: str = Field("dme-sweeps", description="MLflow experiment")
     pool: list[str] = Field(["photos"], min_length=1, description="the attacker's unlabeled pool(s): a registered "
                             "pool, a dataset name or a path; a list is a grid axis (e.g. in-distribution vs natural)")
-    pool_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of every pool's loader")
+    pool_options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the pool loader "
+                                         "(e.g. {n: 2000}); with several pools, either options every pool takes or "
+                                         "one mapping per pool name (e.g. {photos: {n: 2000}, digits-unseen: {}})")
     victims: list[VictimRef] = Field(default_factory=lambda: [VictimRef(name="digits")], min_length=1)
     policies: list[PolicySpec] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
     attack: AttackFactors = Field(default_factory=AttackFactors)
@@ -230,6 +241,10 @@ class SweepSpec(BaseModel):
                          f"from `dme pool build`, an ImageNet64 batch directory or an image folder); relative paths "
                          f"are read from {Path.cwd()}")
 
+    def options_for(self, pool: str) -> dict[str, Any]:
+        """The loader options of ``pool`` (see :func:`options_for_pool`)."""
+        return options_for_pool(self.pool_options, self.pool, pool)
+
     @model_validator(mode="after")
     def _capabilities(self) -> "SweepSpec":
         for strategy in self.attack.strategy:
@@ -247,6 +262,13 @@ class SweepSpec(BaseModel):
                     raise ValueError(f"attack strategy {strategy!r} needs an API that returns "
                                      f"{' or '.join(cls.accepts)}, but policy {policy!r} returns {returns!r}: "
                                      f"drop one of them from the grid")
+        per_pool = [k for k in self.pool_options if k in self.pool]
+        if len(self.pool) > 1 and per_pool:
+            shared = [k for k in self.pool_options if k not in self.pool]
+            if shared or not all(isinstance(self.pool_options[k], dict) for k in per_pool):
+                raise ValueError(f"pool_options mixes per-pool mappings ({', '.join(per_pool)}) with other keys "
+                                 f"({', '.join(shared) or 'non-mapping values'}): give either options every pool "
+                                 f"takes, or one mapping per pool name ({', '.join(self.pool)})")
         names = [v.name for v in self.victims]
         if len(set(names)) != len(names):
             raise ValueError(f"victim names must be unique, got {names}")

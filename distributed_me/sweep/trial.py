@@ -37,6 +37,7 @@ from ..extraction import FACTORS, AttackSpec, Evaluator, run_extraction
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
+from .spec import options_for_pool
 from .tracking import TrialRun, finished_trial, trial_key, trial_run_name
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ def run_trial(config: dict[str, Any]) -> None:
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
-            pool = _pool(f["pool"], tuple(sorted(spec["pool_options"].items())))
+            options = options_for_pool(spec["pool_options"], spec["pool"], f["pool"])
+            pool = _pool(f["pool"], tuple(sorted(options.items())))
         with h.phase("wait_app"):  # the first trials start while the sweep's Serve app is still deploying
             if ctx["app_name"] not in _READY_APPS:  # once per worker: a running app stays up for the sweep
                 wait_until_ready(ctx["app_name"], ctx["deploy_timeout_s"])

@@ -38,7 +38,7 @@ class ToyPrepared(QueryStrategy):
         marker = Path(self.marker_dir)
         marker.mkdir(parents=True, exist_ok=True)
         (marker / f"prepare-{os.getpid()}-{len(list(marker.iterdir()))}").touch()
-        out = marker / "brightness.parquet"
+        out = marker / f"brightness-{pool.name}.parquet"  # one per pool: a sweep over two pools prepares twice
         info = ctx.map_pool(functools.partial(Brightness), pool, out)
         ctx.record({"images": float(info["images"])}, {"toy": "yes"})
         return {"features": str(out)}
