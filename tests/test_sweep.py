@@ -83,7 +83,13 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert parent.info.status == "FINISHED" and parent.info.run_id == out.parent_run_id
     assert parent.data.params["package.torch"].startswith("2.14.1") and "cluster.CPU" in parent.data.params
     assert parent.data.metrics["trials_finished"] == 4
-    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["sweep.json"]
+    assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["report", "sweep.json"]
+    published = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/results.csv", "report/plots"} <= published  # the sweep published its report
+    import pandas as pd
+
+    csv = pd.read_csv(c.download_artifacts(parent.info.run_id, "report/results.csv", str(sweep_env["dir"])))
+    assert sorted(csv["fidelity"].round(6)) == sorted(round(r["fidelity"], 6) for r in out.rows)
 
     trials = _runs(sweep_env["uri"], "e2e")
     assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}, [t.data.tags for t in trials]
