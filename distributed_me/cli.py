@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,26 @@ SWEEP_COLUMNS = ["victim", "policy", "pool", "strategy", "budget", "arch", "opti
 _SWEEP_FACTOR_COLUMNS = SWEEP_COLUMNS[:SWEEP_COLUMNS.index("victim_utility")]
 
 
+class Console:
+    """Progress lines, plus (on a terminal) one status line kept under them and rewritten in place."""
+
+    def __init__(self, live: bool):
+        self.live, self._shown = live, False
+
+    def line(self, text: str) -> None:
+        if self._shown:
+            sys.stdout.write("\r\033[K")
+            self._shown = False
+        if text:
+            print(text, flush=True)
+
+    def status(self, text: str) -> None:
+        width = shutil.get_terminal_size((120, 20)).columns - 1
+        sys.stdout.write("\r\033[K" + text[:width])
+        sys.stdout.flush()
+        self._shown = True
+
+
 def _sort_key(v: object) -> tuple[int, float, str]:
     """Numbers in numeric order (budget 300 before 1000), before strings; ``None`` last."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -188,8 +209,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     from .sweep.runner import run_sweep
 
+    console = Console(live=sys.stdout.isatty())
     out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
-                    on_progress=None if args.quiet else (lambda line: print(line, flush=True)), fresh=args.fresh)
+                    on_progress=None if args.quiet else console.line, fresh=args.fresh,
+                    on_status=console.status if console.live and not args.quiet else None)
+    console.line("")  # ends the status line
     rows = sorted(out.rows, key=lambda r: tuple(_sort_key(r.get(c)) for c in _SWEEP_FACTOR_COLUMNS))
     print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
           f"(MLflow parent run {out.parent_run_id})")

@@ -74,7 +74,7 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert all(r["queries_used"] == 60 and r["completed"] for r in out.rows)
     # one line per trial start, one (plus its figures) per finish, counted against the total; no Tune table
     assert sum("] started " in ln for ln in lines) == 4 and sum("] finished " in ln for ln in lines) == 4
-    assert lines[-2].startswith("[4/4] finished ") and "fidelity 0." in lines[-1]
+    assert lines[-2].startswith("[4/4 done · 0 running · 0 failed] finished ") and "fidelity 0." in lines[-1]
     assert all(len(ln) < 200 for ln in lines)
     assert {"mlflow", "deploy", "trials", "teardown"} <= set(out.seconds)
 

@@ -187,3 +187,38 @@ def test_pool_options_are_shared_or_per_pool_never_mixed():
     assert parse_sweep({"name": "p", "pool_options": {"n": 50}}).options_for("photos") == {"n": 50}
     with pytest.raises(DmeError, match=r"pool_options mixes per-pool mappings \(photos\) with other keys \(n\)"):
         parse_sweep({**two, "pool_options": {"n": 2000, "photos": {"n": 50}}})
+
+
+def test_progress_lines_carry_live_counts_and_the_status_line_each_running_trials_epoch():
+    """The console's progress, driven as Tune drives it (no cluster needed): every line says how many trials are
+    done, running and failed; the status line (terminals only) shows each running trial's epoch bar."""
+    from types import SimpleNamespace
+
+    from distributed_me.sweep.progress import TrialProgress, epoch_bar
+
+    lines, status = [], []
+    p = TrialProgress(3, lines.append, status.append)
+
+    def trial(i: int, **kw):
+        return SimpleNamespace(trial_id=f"trial_0000{i}", config={"factors": {"strategy": "random", "budget": 10 * i,
+                                                                           "epochs": 4}}, **kw)
+
+    a, b, c = trial(1, last_result={"fidelity": 0.5}), trial(2, error_msg="Traceback\nValueError: boom"), trial(3)
+    for t in (a, b):
+        p.on_trial_start(0, [], t)
+    assert lines[-1] == "[0/3 done · 2 running · 0 failed] started  strategy=random budget=20"
+    p.on_trial_result(0, [], a, {"epoch": 2})
+    assert status[-1] == f"[0/3 done · 2 running · 0 failed] 00001 {epoch_bar(2, 4)}  00002 {epoch_bar(0, 4)}"
+    assert epoch_bar(2, 4) == "[#####-----] 2/4"
+    p.on_trial_complete(0, [], a)
+    assert lines[-2:] == ["[1/3 done · 1 running · 0 failed] finished strategy=random budget=10",
+                          lines[-1]] and lines[-1].strip().startswith("fidelity 0.5000")
+    p.on_trial_error(0, [], b)
+    p.on_trial_start(0, [], c)
+    assert lines[-3:-1] == ["[2/3 done · 0 running · 1 failed] FAILED   strategy=random budget=20",
+                            "         ValueError: boom"]
+    assert lines[-1].startswith("[2/3 done · 1 running · 1 failed] started ")
+    quiet = TrialProgress(1, lines.append)  # not a terminal: no status line at all
+    quiet.on_trial_start(0, [], trial(4))
+    quiet.on_trial_result(0, [], trial(4), {"epoch": 1})
+    assert len(status) == 6  # two starts, an epoch, a finish, a failure, a start: none from the quiet one

@@ -169,7 +169,7 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
 
 
 def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resume_path: Path | None,
-           on_progress: Callable[[str], None] | None):
+           on_progress: Callable[[str], None] | None, on_status: Callable[[str], None] | None = None):
     from ray import tune
 
     from .trial import run_trial
@@ -200,7 +200,7 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
     # Tune's own status table (every factor as a column, reprinted at every update) is off: one line per trial
     # state change instead, and the full table once at the end (dme sweep prints it)
     total = len(spec.grid()) if spec.search.kind == "grid" else spec.search.num_samples
-    callbacks = [TrialProgress(total, on_progress)] if on_progress else []
+    callbacks = [TrialProgress(total, on_progress, on_status)] if on_progress else []
     run_config = tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=0, callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=spec.retries))
     return tune.Tuner(trainable, param_space=_param_space(spec, ctx), tune_config=tune_config, run_config=run_config)
@@ -208,10 +208,12 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
 
 def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resume: str | None = None,
               address: str | None = None, num_cpus: int | None = None,
-              on_progress: Callable[[str], None] | None = None, fresh: bool = False) -> SweepOutcome:
+              on_progress: Callable[[str], None] | None = None, fresh: bool = False,
+              on_status: Callable[[str], None] | None = None) -> SweepOutcome:
     """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring. ``fresh`` discards the Tune state
     of an earlier sweep of the same name (its MLflow runs stay; reports read the newest parent run).
-    ``on_progress`` receives one line per trial state change (started, finished, failed)."""
+    ``on_progress`` receives one line per trial state change (started, finished, failed); ``on_status`` (a terminal)
+    the live status line: counts and each running trial's epoch."""
     import ray
     from ray import serve
 
@@ -267,7 +269,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s}
         with clock.phase("trials"):
-            tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress)
+            tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
         deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
         clock.seconds["deploy_background"] = deployer.seconds
