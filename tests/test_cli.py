@@ -294,7 +294,8 @@ def test_sweep_console_is_quiet_by_default_and_verbose_with_v(sweep_env):
                               "--fresh", *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         both = out.stdout + out.stderr
         assert out.returncode == 0, both[-3000:]
-        assert "[1/1 done · 0 running · 0 failed] finished" in out.stdout and "sweep 'quiet': 1 trials done, 0 failed" in out.stdout
+        assert "[1/1 done · 0 running · 0 failed] finished" in out.stdout
+        assert "sweep 'quiet': 1 trials done, 0 failed" in out.stdout
         return both
 
     quiet = sweep()
