@@ -38,7 +38,8 @@ from ..extraction import METRIC_NAMES
 from ..plugins import load_plugin
 from ..report import publish_report
 from ..tracking import dme_home, ensure_experiment, tracking_uri
-from ..victims import victim_bundle_path
+from ..victims import is_embedded, victim_bundle_path
+from ..victims.embedded import embedded_bundle_path
 from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
 from .trial import HARNESS_METRIC
@@ -255,6 +256,10 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
     deployer = None
     try:
         with clock.phase("deploy"):  # started here, finished in the background while Tune starts the trials
+            if on_progress and any(is_embedded(v.source) for v in spec.victims) and \
+                    not embedded_bundle_path().exists():  # a first run is silent for a minute otherwise
+                on_progress(f"training the embedded victim once (about a minute on 2 cores), cached in "
+                            f"{embedded_bundle_path()}")
             bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
             # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
             deployer = BackgroundDeploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
