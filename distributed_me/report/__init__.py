@@ -25,11 +25,12 @@ from typing import Any
 import pandas as pd
 
 from ..errors import DmeError
-from ..extraction import FACTORS, METRIC_NAMES
+from ..extraction import FACTORS
 from ..parity import ParityResult, compare
 from ..tracking import NOTE_TAG, tracking_uri
 from .html import report_html
 from .parity import paper_table, parity_markdown, parity_text, write_parity
+from .runs import finished_trials, trial_row
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,11 @@ def sweep_runs(sweep: str, experiment: str | None = None, parent: Any = None) ->
     :func:`sweep_parent`): factor params (typed) and final metrics."""
     c = _client()
     parent = parent or sweep_parent(sweep, experiment)
-    runs = c.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
-                         "attributes.status = 'FINISHED'", max_results=50000) if parent else []
+    runs = finished_trials(c, parent.info.experiment_id, parent.info.run_id) if parent else []
     if not runs:
         raise DmeError(f"no finished trials of sweep {sweep!r} in the MLflow store {tracking_uri()}; run "
                        f"`dme sweep` first, or set MLFLOW_TRACKING_URI to the store it used")
-    rows = []
-    for r in runs:
-        row = {k: r.data.params.get(k) for k in FACTORS}
-        row.update({k: r.data.metrics.get(k) for k in METRIC_NAMES})
-        row["run_id"] = r.info.run_id
-        rows.append(row)
+    rows = [trial_row(r) for r in runs]
     df = pd.DataFrame(rows)
     for k in ("budget", "epochs", "seed"):
         df[k] = pd.to_numeric(df[k], errors="coerce")

@@ -49,13 +49,13 @@ import pandas as pd
 from ..errors import DmeError
 from ..extraction import FACTORS, METRIC_NAMES
 from ..tracking import tracking_uri
+from .runs import finished_trials, search_all, trial_row
 
 log = logging.getLogger(__name__)
 
 #: the factors that make an attack configuration (an entry): all but the task's and the matched/averaged ones
 ATTACKER: tuple[str, ...] = tuple(f for f in FACTORS if f not in ("victim", "policy", "budget", "seed"))
 SHOWN = ("accuracy", "adversarial_fidelity", "victim_accuracy", "victim_utility")
-PAGE = 5000
 NO_SWEEP_HINT = ("run `bash scripts/quickstart.sh` (or `dme sweep SPEC`) first, or set MLFLOW_TRACKING_URI to the "
                  "store your sweeps used")
 
@@ -117,18 +117,6 @@ def run_url(ui_url: str | None, experiment_id: str, run_id: str) -> str | None:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui_url else None
 
 
-def _search(c: Any, exp_ids: list[str], where: str, order_by: list[str] | None = None) -> list[Any]:
-    """Every matching run, page by page (a store answers at most ``max_results`` per call)."""
-    out: list[Any] = []
-    token = None
-    while True:
-        page = c.search_runs(exp_ids, where, max_results=PAGE, order_by=order_by, page_token=token)
-        out.extend(page)
-        token = page.token
-        if not token:
-            return out
-
-
 def _experiment_ids(c: Any, names: list[str] | None) -> list[str]:
     if not names:
         ids, token = [], None
@@ -151,7 +139,7 @@ def _experiment_ids(c: Any, names: list[str] | None) -> list[str]:
 
 def finished_sweeps(c: Any, exp_ids: list[str]) -> list[Sweep]:
     """The newest FINISHED parent run of each sweep name in these experiments."""
-    parents = _search(c, exp_ids, "tags.`dme.kind` = 'sweep' and attributes.status = 'FINISHED'",
+    parents = search_all(c, exp_ids, "tags.`dme.kind` = 'sweep' and attributes.status = 'FINISHED'",
                       ["attributes.start_time DESC"]) if exp_ids else []
     newest: dict[str, Sweep] = {}
     for r in sorted(parents, key=lambda r: r.info.start_time or 0, reverse=True):
@@ -167,19 +155,10 @@ def trial_rows(c: Any, sweeps: list[Sweep]) -> pd.DataFrame:
     """One row per FINISHED trial of these sweeps: sweep, run, factor params (strings, ``None`` if absent), metrics."""
     rows = []
     for s in sweeps:
-        runs = _search(c, [s.experiment_id], f"tags.`mlflow.parentRunId` = '{s.run_id}' and "
-                                             "attributes.status = 'FINISHED'", ["attributes.start_time DESC"])
-        seen: set[str] = set()
-        for r in runs:
-            key = r.data.tags.get("dme.trial_key")
-            if key and key in seen:  # the same trial finished twice: the newest attempt counts
-                continue
-            seen.add(key or r.info.run_id)
-            row = {"sweep": s.name, "experiment_id": s.experiment_id, "parent_run_id": s.run_id,
-                   "run_id": r.info.run_id, **{k: r.data.params.get(k) for k in FACTORS},
-                   **{k: r.data.metrics.get(k, math.nan) for k in METRIC_NAMES}}
-            rows.append(row)
-        s.trials = len(seen)
+        runs = finished_trials(c, s.experiment_id, s.run_id)
+        rows += [{"sweep": s.name, "experiment_id": s.experiment_id, "parent_run_id": s.run_id, **trial_row(r)}
+                 for r in runs]
+        s.trials = len(runs)
     df = pd.DataFrame(rows, columns=["sweep", "experiment_id", "parent_run_id", "run_id", *FACTORS, *METRIC_NAMES])
     df["budget"] = pd.to_numeric(df["budget"], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
