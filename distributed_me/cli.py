@@ -60,7 +60,28 @@ def _options(items: list[str] | None) -> dict:
     return out
 
 
+def _check_victim_training(ds: Any, arch: str, cfg: Any, args: argparse.Namespace) -> None:
+    """Price a victim's training before it starts (printed when over a minute, refused over the limit)."""
+    from .cost import work
+    from .cost.guard import ANNOUNCE_S, check_limit, limit_seconds
+    from .cost.plan import describe, project
+    from .cost.rates import Device, Rates
+    from .cost.work import Net
+
+    h, _, c = ds.image_shape
+    net = Net(arch, args.img_size or h, c, ds.num_classes)
+    device = Device.here()
+    p = project([work.train(net, len(ds.train), cfg.epochs, cfg.batch_size, phase="train", what="the victim"),
+                 work.infer(net, len(ds.test), phase="eval", what="its test split")], Rates(device))
+    if p.total > ANNOUNCE_S and not args.quiet:
+        print(describe(p, f"training victim {arch} on {ds.name}, on {device.label}"), flush=True)
+    if not args.no_cost_limit:
+        check_limit(f"training victim {arch} on {ds.name}", p.total, device.label, limit_seconds(args.max_hours),
+                    "fewer --epochs, or --arch cnn32" if arch != "cnn32" else "fewer --epochs")
+
+
 def cmd_train_victim(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .train import TrainConfig
     from .victims import register_victim, train_victim
     from .victims.embedded import EMBEDDED_DATASET, EMBEDDED_TRAIN, embedded_victim
@@ -76,8 +97,9 @@ def cmd_train_victim(args: argparse.Namespace) -> int:
                           hflip=args.hflip)
         name = args.name or f"{Path(dataset).stem}-{arch}"
         out = Path(args.out) if args.out else cache_dir() / "victims" / f"{name}-seed{args.seed}"
-        victim, path = train_victim(dataset, arch, out, cfg, img_size=args.img_size, name=name, root=args.data_root,
-                                    download=args.download, progress=not args.quiet)
+        ds = load_dataset(dataset, root=args.data_root, download=args.download, seed=cfg.seed)
+        _check_victim_training(ds, arch, cfg, args)
+        victim, path = train_victim(ds, arch, out, cfg, img_size=args.img_size, name=name, progress=not args.quiet)
     uri = None if args.no_mlflow else register_victim(path, args.name or victim.meta.name)
     print(_table([("dataset", victim.meta.dataset), ("arch", victim.meta.arch),
                   ("input", "x".join(map(str, victim.input_shape))),
@@ -103,12 +125,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
     result = attack_in_process(spec, victim=args.victim, pool=args.pool, output_policy=args.output_policy,
                                data_root=args.data_root, download=args.download, progress=not args.quiet and not
                                args.json, log_mlflow=not args.no_mlflow, experiment=args.experiment,
-                               victim_url=args.victim_url, api_key=args.api_key)
+                               victim_url=args.victim_url, api_key=args.api_key, max_hours=args.max_hours,
+                               cost_limit=not args.no_cost_limit,
+                               announce=None if args.quiet or args.json else lambda text: print(text, flush=True))
     if args.json:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
     else:
         print(result_table(result.to_dict()))
     return 0
+
+
+def _cost_args(p: argparse.ArgumentParser) -> None:
+    from .cost.guard import DEFAULT_LIMIT_HOURS, GO_ANYWAY, LIMIT_ENV
+
+    p.add_argument("--max-hours", type=float, help=f"refuse work projected over this many hours of wall time "
+                                                   f"(default ${LIMIT_ENV}, else {DEFAULT_LIMIT_HOURS:g})")
+    p.add_argument(GO_ANYWAY, action="store_true", help="start even work projected over the limit")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -203,15 +235,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                                                parse_overrides(args.set))
     if args.dry_run:
         assert spec is not None
-        grid = spec.grid()
-        print(f"sweep {spec.name!r}: valid; {len(grid) if spec.search.kind == 'grid' else spec.search.num_samples} "
-              f"trials ({spec.search.kind})")
+        from .cost.guard import limit_seconds
+        from .sweep.plan import format_plan, plan_sweep, sweep_resources
+
+        plan = plan_sweep(spec, sweep_resources(args.address, args.num_cpus, args.gpu, args.gpus, args.cpus))
+        print(f"sweep {spec.name!r}: valid")
+        print(format_plan(plan, args.preset, limit_seconds(args.max_hours)))
         return 0
     from .sweep.runner import run_sweep
 
     console = Console(live=sys.stdout.isatty())
     out = run_sweep(spec, preset=args.preset, resume=args.resume, address=args.address, num_cpus=args.num_cpus,
                     on_progress=None if args.quiet else console.line, fresh=args.fresh,
+                    max_hours=args.max_hours, cost_limit=not args.no_cost_limit,
                     on_status=console.status if console.live and not args.quiet else None)
     console.line("")  # ends the status line
     rows = sorted(out.rows, key=lambda r: tuple(_sort_key(r.get(c)) for c in _SWEEP_FACTOR_COLUMNS))
@@ -302,6 +338,7 @@ def cmd_pool_features(args: argparse.Namespace) -> int:
         raise DmeError(f"attack strategy {args.strategy!r} has no preparation step, so there is nothing to compute "
                        f"for a pool; strategies with one: {', '.join(with_step) or 'none'}")
     pool = load_pool(args.pool, root=args.data_root, download=args.download)
+    _check_preparation(strategy, pool, args)
     records: list[tuple[str, str]] = []
 
     def record(metrics: dict[str, float], tags: dict[str, str]) -> None:
@@ -318,6 +355,30 @@ def cmd_pool_features(args: argparse.Namespace) -> int:
     rows = [(k, str(v)) for k, v in products.items()] + records
     print(_table(rows or [("prepared", "nothing to do (precomputed)")], f"{args.strategy} prepared for {pool.name}"))
     return 0
+
+
+def _check_preparation(strategy: Any, pool: Any, args: argparse.Namespace) -> None:
+    """Price a preparation before it starts: print the projection when it is over a minute, refuse it over the
+    limit with the strategy's cpu-small options as the alternative."""
+    from .cost.guard import ANNOUNCE_S, check_limit, limit_seconds
+    from .cost.plan import describe, project
+    from .cost.rates import Device, Rates
+    from .cost.work import human
+
+    device = Device.here()
+    rates = Rates(device)
+    projected = project(strategy.prepare_cost(pool), rates)  # not corrected by recorded runs yet
+    if projected.total > ANNOUNCE_S and not args.quiet:
+        print(describe(projected, f"{strategy.name} preparation on {pool.name}, on {device.label}"), flush=True)
+    if args.no_cost_limit:
+        return
+    small = type(strategy)(**{**strategy.model_dump(), **strategy.cpu_small_options})
+    small_s = project(small.prepare_cost(pool), rates).total
+    flags = " ".join(f"--strategy-option {k}={v}" for k, v in strategy.cpu_small_options.items()
+                     if getattr(strategy, k) != v)
+    check_limit(f"the {strategy.name} preparation on {pool.name}", projected.total, device.label,
+                limit_seconds(args.max_hours),
+                f"{flags} (projected {human(small_s)})" if flags and small_s < projected.total else None)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -364,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--out", help="bundle folder (default: under $DME_HOME/victims)")
     _data_args(tv)
     tv.add_argument("--no-mlflow", action="store_true", help="do not register the victim in MLflow")
+    _cost_args(tv)
     tv.add_argument("-q", "--quiet", action="store_true")
     tv.set_defaults(func=cmd_train_victim)
 
@@ -396,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--experiment", default="dme-attacks", help="MLflow experiment")
     at.add_argument("--no-mlflow", action="store_true")
     at.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _cost_args(at)
     at.add_argument("-q", "--quiet", action="store_true")
     at.set_defaults(func=cmd_attack)
 
@@ -421,7 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--resume", metavar="NAME", help="resume sweep NAME: finished trials are not run again")
     sw.add_argument("--address", help="join this Ray cluster ('auto' = the local `ray start` one)")
     sw.add_argument("--num-cpus", type=int, help="CPUs of a private cluster (default: all)")
-    sw.add_argument("--dry-run", action="store_true", help="validate the spec and count trials, run nothing")
+    sw.add_argument("--dry-run", action="store_true", help="validate the spec and print its plan: every step's "
+                    "projected time, the total, CPU/GPU-hours and the finish time; run nothing")
+    sw.add_argument("--gpu", help="with --dry-run: plan for a cluster with this GPU model (priced from FLOPs), "
+                                  "e.g. a100, h100, t4, l4, v100, a10g")
+    sw.add_argument("--gpus", type=int, help="with --dry-run: GPUs of that cluster (default 1 with --gpu)")
+    sw.add_argument("--cpus", type=int, help="with --dry-run: CPUs of that cluster (default 8 per GPU)")
+    _cost_args(sw)
     sw.add_argument("--fresh", action="store_true", help="start again a sweep that ran before under this name")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=cmd_sweep)
@@ -456,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--address", help="join this Ray cluster instead of starting a private one")
     pf.add_argument("--num-cpus", type=int)
     _data_args(pf)
+    _cost_args(pf)
     pf.add_argument("-q", "--quiet", action="store_true")
     pf.set_defaults(func=cmd_pool_features)
 

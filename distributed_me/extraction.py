@@ -180,14 +180,18 @@ class ExtractionResult:
     history: list[dict] = field(default_factory=list)
     spec: dict = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the piracy model
+    #: the cost model's projection of this run, ``projected_seconds_*`` / ``projected_raw_seconds_*`` per phase and
+    #: total (:func:`distributed_me.cost.plan.projection_metrics`), beside the actual ``seconds_*``
+    projected: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """The run's metrics under :data:`METRIC_NAMES` (a name whose value is unknown, e.g. the utility of a remote
         policy, is left out rather than faked)."""
         values: dict[str, Any] = {k: getattr(self, k) for k in SCORE_NAMES}
         values.update({f"seconds_{k}": v for k, v in self.seconds.items()})
-        return {k: float(values[k]) for k in METRIC_NAMES if values.get(k) is not None
-                and not (isinstance(values[k], float) and math.isnan(values[k]))}
+        out = {k: float(values[k]) for k in METRIC_NAMES if values.get(k) is not None
+               and not (isinstance(values[k], float) and math.isnan(values[k]))}
+        return {**out, **{k: float(v) for k, v in self.projected.items()}}
 
     def to_dict(self) -> dict:
         """The JSON form (``dme attack --json``): the metrics, the budget, the spec and the per-epoch history."""
@@ -203,10 +207,15 @@ def run_extraction(
     on_epoch: Callable[[int, dict], Any] | None = None,
     eval_every_epoch: bool = False,
     policy: str | None = None,
+    projected: dict[str, float] | None = None,
 ) -> ExtractionResult:
     """Run one extraction and score it. ``on_epoch(epoch, row)`` receives per-epoch rows (plus clean fidelity and
     accuracy when ``eval_every_epoch``), e.g. for Tune or MLflow. ``policy``, the output policy the oracle applies
-    when the caller knows it, adds the defender's utility to the result."""
+    when the caller knows it, adds the defender's utility to the result. ``projected`` (the cost model's figures for
+    this run) is carried into the result's metrics beside the actual times.
+
+    The phases are disjoint: per-epoch evaluation runs inside training but counts as ``eval`` only, so the phases sum
+    to the total (up to the strategy's untimed bookkeeping) and each compares with its projection."""
     t_start = time.perf_counter()
     timer = Timer()
     with timer.phase("setup"):
@@ -222,10 +231,12 @@ def run_extraction(
 
     bench = Workbench(make_model, spec.train_config(), oracle.info.input_shape, timer, spec.seed, progress)
 
+    epoch_eval = Timer(phases=("eval",))
+
     def epoch_hook(epoch: int, row: dict) -> dict | None:
         extra = None
         if eval_every_epoch:
-            with timer.phase("eval"):
+            with timer.phase("eval"), epoch_eval.phase("eval"):
                 extra = evaluator.clean(bench.model)  # type: ignore[arg-type]
             row = {**row, **extra}
         if on_epoch is not None:
@@ -238,6 +249,7 @@ def run_extraction(
     with timer.phase("eval"):
         scores = evaluator.full(result.model, seed=spec.seed, adv_samples=spec.adv_eval_samples)
         utility, kl = (evaluator.defense_cost(policy) or (None, None)) if policy else (None, None)
+    timer.seconds["train"] -= epoch_eval.seconds["eval"]  # counted in eval, not twice
     seconds = {**timer.seconds, "total": time.perf_counter() - t_start}
     return ExtractionResult(
         victim_accuracy=evaluator.victim_accuracy,
@@ -249,5 +261,6 @@ def run_extraction(
         history=result.history,
         spec=spec.model_dump(),
         model=result.model,
+        projected=dict(projected or {}),
         **scores,
     )

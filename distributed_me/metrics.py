@@ -24,6 +24,9 @@ from .device import get_device
 LabelFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+#: PGD steps of adversarial fidelity (eq. 5), also what the cost model prices
+PGD_STEPS = 7
+
 def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
 
@@ -52,7 +55,7 @@ def pgd(
     y: torch.Tensor,
     eps: float = 4 / 255,
     alpha: float = 2 / 255,
-    steps: int = 7,
+    steps: int = PGD_STEPS,
     random_start: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -79,7 +82,7 @@ def adversarial_fidelity(
     labels: torch.Tensor,
     eps: float = 4 / 255,
     alpha: float = 2 / 255,
-    steps: int = 7,
+    steps: int = PGD_STEPS,
     seed: int = 0,
     batch_size: int = 256,
 ) -> float:

@@ -4,7 +4,13 @@ MLflow."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+from .cost.guard import ANNOUNCE_S, check_limit, limit_seconds
+from .cost.history import DEVICE_TAG, learned_factors
+from .cost.plan import cost_job, describe, extraction_work, project, projection_metrics, smaller_attack
+from .cost.rates import SERVE_REQUEST_S, Device, Rates
+from .cost.work import Net, Projection, human
 from .data import load_pool
 from .data.base import Pool
 from .errors import DmeError
@@ -50,6 +56,19 @@ def log_extraction_run(result: ExtractionResult, params: dict, experiment: str, 
         return run.info.run_id
 
 
+def project_attack(spec: AttackSpec, input_shape: tuple[int, int, int], num_classes: int, pool: Pool,
+                   victim: Victim, test_size: int, policy: str | None, *, remote: bool = False,
+                   threads: int | None = None) -> tuple[Projection, Projection, Device]:
+    """One extraction priced on this process's device: (the cost model's projection, the same corrected by recorded
+    runs, the device). ``remote``: queries go over HTTP (their overhead priced as a Serve request's)."""
+    device = Device.here(threads)
+    rates = Rates(device, request_s=SERVE_REQUEST_S if remote else 0.0)
+    victim_net = Net(victim.meta.arch, victim.meta.img_size, victim.meta.in_chans, victim.meta.num_classes)
+    job = cost_job(spec, input_shape, num_classes, pool, victim_net)
+    raw = project(extraction_work(spec, job, test_size, policy=policy), rates)
+    return raw, raw.scaled(learned_factors(device.key).factors(spec.strategy, victim.meta.name, spec.arch)), device
+
+
 def attack_in_process(
     spec: AttackSpec,
     victim: str | Victim | None = None,
@@ -62,10 +81,17 @@ def attack_in_process(
     experiment: str = "dme-attacks",
     victim_url: str | None = None,
     api_key: str | None = None,
+    max_hours: float | None = None,
+    cost_limit: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> ExtractionResult:
     """One extraction. Queries go to ``victim_url`` over HTTP when given (the victim's output policy is then the
     server's), else to an in-process oracle over ``victim``. ``victim`` is always the judge: the evaluator reads its
-    test split and unmetered top-1 for fidelity, as the benchmark (not the attacker) may."""
+    test split and unmetered top-1 for fidelity, as the benchmark (not the attacker) may.
+
+    Before any step the run is priced (:mod:`distributed_me.cost`): ``announce`` receives the projection when it is
+    over a minute, and a projection over the limit (``max_hours``, see :mod:`distributed_me.cost.guard`) raises
+    :class:`~distributed_me.cost.guard.CostLimitError` unless ``cost_limit`` is off."""
     v = victim if isinstance(victim, Victim) else load_victim(victim, progress)
     p = pool if isinstance(pool, Pool) else load_pool(pool or DEFAULT_POOL, root=data_root, download=download,
                                                     seed=spec.seed)
@@ -75,15 +101,27 @@ def attack_in_process(
         oracle = LocalOracle(v, output_policy, budget=spec.budget, name=v.meta.name, seed=spec.seed)
     spec.build_strategy().check(oracle, p, spec.budget)  # fail before the (slower) evaluator setup
     evaluator = evaluator_for(v, data_root, download)
+    raw, corrected, device = project_attack(spec, oracle.info.input_shape, oracle.info.num_classes, p, v,
+                                            len(evaluator.images), None if victim_url else output_policy,
+                                            remote=bool(victim_url))
+    if announce is not None and corrected.total > ANNOUNCE_S:
+        announce(describe(corrected, f"{spec.strategy} attack, budget {spec.budget}, on {device.label}"))
+    if cost_limit:
+        small, flags = smaller_attack(spec)
+        small_s = project_attack(small, oracle.info.input_shape, oracle.info.num_classes, p, v,
+                                 len(evaluator.images), output_policy, remote=bool(victim_url))[1].total
+        check_limit(f"this {spec.strategy} attack", corrected.total, device.label, limit_seconds(max_hours),
+                    f"{flags} (projected {human(small_s)})" if flags and small_s < corrected.total else None)
     # the policy is known only in process; a remote API's policy is the server's, and its utility the server's to judge
     result = run_extraction(oracle, p, spec, evaluator, progress=progress,
-                            policy=None if victim_url else output_policy)
+                            policy=None if victim_url else output_policy,
+                            projected=projection_metrics(raw, corrected))
     if log_mlflow:
         params = {**spec.model_dump(), "victim": v.meta.name, "pool": p.name, "output_policy": oracle.info.returns,
                   "oracle": "http" if victim_url else "in-process",
                   # a remote API does not disclose its defense (its metadata shows the output kind only)
                   "output_policy_chain": ",".join(d["name"] for d in oracle.info.policy) or "undisclosed"}
         tags = {"dme.victim": v.meta.name, "dme.attack": spec.strategy, "dme.budget": str(spec.budget),
-                "dme.defense": params["output_policy_chain"]}
+                "dme.defense": params["output_policy_chain"], DEVICE_TAG: device.key}
         log_extraction_run(result, params, experiment, f"{spec.strategy}-{v.meta.name}-b{spec.budget}", tags)
     return result

@@ -37,9 +37,10 @@ from distributed_me.serving.spec import ServeSpec  # noqa: E402
 from distributed_me.sweep.spec import SweepSpec  # noqa: E402
 from distributed_me.train import OPTIMIZERS  # noqa: E402
 
-PAGES = ("index", "victims-and-api", "attacks", "defenses", "sweeps", "mlflow", "cluster")
+PAGES = ("index", "victims-and-api", "attacks", "defenses", "sweeps", "cost", "mlflow", "cluster")
 TITLES = {"index": "distributed_me documentation", "victims-and-api": "Victims and the API", "attacks": "Attacks",
-          "defenses": "Defenses", "sweeps": "Sweeps", "mlflow": "The MLflow layout", "cluster": "Running on a cluster"}
+          "defenses": "Defenses", "sweeps": "Sweeps",
+          "cost": "Know the cost before the work", "mlflow": "The MLflow layout", "cluster": "Running on a cluster"}
 INTROS = {
     "index": "`dme` benchmarks model-extraction attacks and defenses: victims are served as an MLaaS-style API on Ray "
              "Serve, attackers run as Ray Tune trials that reach them only through that API, and every run is "
@@ -57,6 +58,11 @@ INTROS = {
                 "(`round:2,topk:1`) is applied inside the victim deployment, so attackers only ever see its output. "
                 "Each policy below is named in a sweep's `policies`, a serve config's `output_policy` or "
                 "`dme attack --output-policy`.",
+    "cost": "Every step is priced before it starts: `dme sweep SPEC --dry-run` prints a sweep's plan (each trial and "
+            "preparation step, the total, CPU/GPU-hours, the finish time), `dme attack` and `dme pool features` print "
+            "their projection when it is over a minute, and work projected over the cost limit is refused before it "
+            "starts. Projections are logged beside actual times in MLflow, and `dme report` shows how far off they "
+            "were.",
     "sweeps": "A sweep is a YAML file (see `sweeps/`) validated into a typed spec before anything starts, then run as "
               "one Ray Tune trial per factor combination against victims served on Ray Serve. `dme sweep FILE "
               "--dry-run` validates and counts; `--preset` picks a size; `--resume NAME` continues.",
@@ -237,6 +243,16 @@ def page_sweeps() -> str:
         schema_tables(SweepSpec, "SweepSpec")])
 
 
+def page_cost() -> str:
+    return "\n\n".join([
+        "## The cost model", module_doc("distributed_me/cost/__init__.py"), "## Work as sizes",
+        module_doc("distributed_me/cost/work.py"), "## Throughput on the device at hand",
+        module_doc("distributed_me/cost/rates.py"), "## One extraction, priced",
+        module_doc("distributed_me/cost/plan.py"),
+        "## A sweep's plan", module_doc("distributed_me/sweep/plan.py"), "## Learning from recorded runs",
+        module_doc("distributed_me/cost/history.py"), "## Guard rails", module_doc("distributed_me/cost/guard.py")])
+
+
 def page_mlflow() -> str:
     return "\n\n".join([
         "## Where runs go", module_doc("distributed_me/tracking.py"), "## A sweep's runs",
@@ -264,7 +280,8 @@ def page_cluster() -> str:
 
 
 BUILDERS = {"index": page_index, "victims-and-api": page_victims, "attacks": page_attacks,
-            "defenses": page_defenses, "sweeps": page_sweeps, "mlflow": page_mlflow, "cluster": page_cluster}
+            "defenses": page_defenses, "sweeps": page_sweeps, "cost": page_cost, "mlflow": page_mlflow,
+            "cluster": page_cluster}
 
 
 def render() -> dict[str, str]:

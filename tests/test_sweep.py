@@ -76,13 +76,17 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert sum("] started " in ln for ln in lines) == 4 and sum("] finished " in ln for ln in lines) == 4
     assert lines[-2].startswith("[4/4 done · 0 running · 0 failed] finished ") and "fidelity 0." in lines[-1]
     assert all(len(ln) < 200 for ln in lines)
-    assert {"mlflow", "deploy", "trials", "teardown"} <= set(out.seconds)
+    assert {"mlflow", "plan", "deploy", "trials", "teardown"} <= set(out.seconds)
+    assert lines[0].startswith("plan: 4 trials, ") and "projected on the Ray cluster (2 CPUs)" in lines[0]
 
     c = MlflowClient(sweep_env["uri"])
     (parent,) = _runs(sweep_env["uri"], "e2e", "sweep")
     assert parent.info.status == "FINISHED" and parent.info.run_id == out.parent_run_id
     assert parent.data.params["package.torch"].startswith("2.14.1") and "cluster.CPU" in parent.data.params
     assert parent.data.metrics["trials_finished"] == 4
+    # the plan beside what happened: the sweep's projected trials phase and total, priced for this device
+    assert parent.data.metrics["sweep_projected_seconds_trials"] > 0 and "sweep_seconds_trials" in parent.data.metrics
+    assert parent.data.tags["dme.cost_device"].startswith("cpu-")
     assert [a.path for a in c.list_artifacts(parent.info.run_id)] == ["report", "sweep.json"]
     published = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/results.csv", "report/plots"} <= published  # the sweep published its report
@@ -107,14 +111,42 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
         per_epoch = c.get_metric_history(t.info.run_id, "train_loss")
         assert sorted(m.step for m in per_epoch) == [1, 2]
         assert {"seconds_selection", "seconds_query", "seconds_train", "seconds_eval"} <= set(t.data.metrics)
+        # each trial logs its projection (corrected and raw) beside its actual times, per phase and in total
+        for prefix in ("projected_seconds_", "projected_raw_seconds_"):
+            assert t.data.metrics[f"{prefix}total"] > 0 and t.data.metrics[f"{prefix}train"] > 0
+        assert t.data.tags["dme.cost_device"] == parent.data.tags["dme.cost_device"]
         assert [a.path for a in c.list_artifacts(t.info.run_id)] == ["piracy_model.pt"]
 
     log = read_query_log(out.path / "querylog")
     assert log["count"].to_numpy().sum() == 4 * 60
 
     report = write_report("e2e", sweep_env["dir"] / "report")
-    assert report.markdown.is_file() and len(report.plots) == 4 and all(p.stat().st_size > 0 for p in report.plots)
+    assert report.markdown.is_file() and len(report.plots) == 5 and all(p.stat().st_size > 0 for p in report.plots)
+    assert "projection_vs_actual.png" in {p.name for p in report.plots}
     assert "sgd" in report.table and "label" in report.table
+
+
+def test_a_sweep_over_the_cost_limit_is_refused_before_anything_starts(sweep_env):
+    """Priced on the cluster it joined, over the limit: refused with the projection, the cpu-small preset (with its
+    own projection) and the flag, before the MLflow parent run, the Serve app or any trial."""
+    from ray import serve
+
+    from distributed_me.cost.guard import CostLimitError
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    doc = _doc("over-limit", presets={"cpu-small": {"attack": {"budget": 30, "epochs": 1}}})
+    try:
+        with pytest.raises(CostLimitError) as e:
+            run_sweep(parse_sweep(doc), num_cpus=2, max_hours=1e-4)
+        apps = serve.status().applications if serve.context._global_client is not None else {}
+    finally:
+        _shutdown_ray()
+    msg = str(e.value)
+    assert "sweep 'over-limit' is projected to take" in msg and "on the Ray cluster (2 CPUs)" in msg
+    assert "--preset cpu-small (projected" in msg and "--no-cost-limit" in msg and "nothing was started" in msg
+    assert _runs(sweep_env["uri"], "over-limit", "sweep") == [] and _runs(sweep_env["uri"], "over-limit") == []
+    assert not any("over-limit" in name for name in apps)
 
 
 def test_failed_trials_leave_failed_runs_exit_1_and_fresh_starts_again(sweep_env):

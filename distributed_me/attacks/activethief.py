@@ -50,6 +50,8 @@ from pydantic import Field
 from torch import nn
 
 from ..answer import Answer
+from ..cost import work
+from ..cost.work import CostJob, Work
 from ..data.base import Pool, to_tensor
 from ..device import get_device
 from ..oracle import Oracle
@@ -202,6 +204,26 @@ class _ActiveThief(QueryStrategy):
         """``k`` distinct pool indices from ``unqueried``, in pick order."""
         raise NotImplementedError
 
+    def acquire_cost(self, job: CostJob, queried: int, k: int) -> list[Work]:
+        """The work of one :meth:`acquire` with ``queried`` samples queried so far and ``k`` to pick."""
+        raise NotImplementedError
+
+    def cost(self, job: CostJob) -> list[Work]:
+        """Round 0 queries the seeds; every later round retrains the substitute on all pairs so far
+        (``epochs_per_round``, the last round ``epochs``), then acquires ``per_round`` more, as :meth:`extract`."""
+        items: list[Work] = []
+        n = min(self.n_seed, job.budget)
+        while True:
+            final = n >= job.budget
+            items.append(work.train(job.piracy, n, job.epochs if final else (self.epochs_per_round or job.epochs),
+                                    job.batch_size, what="piracy model" if final else "interim substitutes"))
+            if final:
+                break
+            k = min(self.per_round, job.budget - n)
+            items += self.acquire_cost(job, n, k)
+            n += k
+        return [work.query(job.victim, job.budget, job.query_batch), *items]
+
     def extract(self, oracle: Oracle, pool: Pool, budget: int, bench: Workbench) -> ActiveThiefExtraction:
         self.check(oracle, pool, budget)
         rng = np.random.default_rng(bench.seed)
@@ -259,6 +281,12 @@ class ActiveThiefKCenter(_ActiveThief):
         probs = substitute_probs(model, pool, bench, None, self.infer_batch_size)  # queried rows are the centers
         return kcenter_greedy(probs, queried, k)
 
+    def acquire_cost(self, job: CostJob, queried: int, k: int) -> list[Work]:
+        c, n = job.piracy.num_classes, job.pool_size
+        return [work.infer(job.piracy, n, batch_size=self.infer_batch_size, what="substitute over the pool"),
+                # min distances to the queried set (blocked matmuls), then k picks of O(N·C) each, in float64
+                work.flops(2.0 * n * queried * c + 4.0 * n * k * c, what="k-center greedy")]
+
 
 @register_attack
 class ActiveThiefUncertainty(_ActiveThief):
@@ -270,6 +298,10 @@ class ActiveThiefUncertainty(_ActiveThief):
     def acquire(self, model, pool, bench, queried, unqueried, k, rng):
         probs = substitute_probs(model, pool, bench, unqueried, self.infer_batch_size)
         return unqueried[select_uncertain(probs, k, self.measure)]
+
+    def acquire_cost(self, job: CostJob, queried: int, k: int) -> list[Work]:
+        return [work.infer(job.piracy, job.pool_size - queried, batch_size=self.infer_batch_size,
+                           what="substitute over the unqueried pool")]
 
 
 @register_attack
@@ -303,3 +335,15 @@ class ActiveThiefDFAL(_ActiveThief):
             dist[pos : pos + len(images)] = d.cpu().numpy()
             pos += len(images)
         return cand[np.argsort(dist, kind="stable")[:k]]
+
+    #: DeepFool iterations a candidate takes on average before it flips (each linearises ``dfal_classes`` logits,
+    #: one backward pass each). The loop stops at the flip, rarely near ``dfal_max_iter``; 3 is an assumption (small
+    #: CNNs on natural images flip in 2-4 steps), corrected by recorded runs.
+    DEEPFOOL_MEAN_ITERS: ClassVar[int] = 3
+
+    def acquire_cost(self, job: CostJob, queried: int, k: int) -> list[Work]:
+        unqueried = job.pool_size - queried
+        cand = unqueried if self.dfal_candidates is None else min(unqueried, max(self.dfal_candidates, k))
+        iters = min(self.dfal_max_iter, self.DEEPFOOL_MEAN_ITERS)
+        return [work.grad(job.piracy, cand, iters * self.dfal_classes, self.dfal_batch_size, phase="selection",
+                          what="DeepFool on candidates")]

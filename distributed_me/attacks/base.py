@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from ..answer import Answer
+from ..cost import work
+from ..cost.work import CostJob, Work
 from ..data.base import Pool, to_tensor
 from ..errors import DmeError
 from ..oracle import Oracle, query_in_batches
@@ -176,6 +178,9 @@ class QueryStrategy(BaseModel):
     #: tens): the registry-wide contract tests run every registered strategy with them, so a new strategy is tested
     #: by those tests as soon as it is registered
     smoke_options: ClassVar[dict[str, Any]] = {}
+    #: options that make the strategy's own heavy work fit a laptop CPU (what a ``cpu-small`` preset uses): the
+    #: alternative a refused projection proposes (:mod:`distributed_me.cost.guard`)
+    cpu_small_options: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":
@@ -206,6 +211,17 @@ class QueryStrategy(BaseModel):
         """Once per sweep (and pool), before any trial; see the module docstring. Returns the option overrides every
         trial of this strategy receives; the base strategy has nothing to prepare and returns ``{}``."""
         return {}
+
+    def cost(self, job: CostJob) -> list[Work]:
+        """The work :meth:`extract` will do, as sizes (:mod:`distributed_me.cost.work`), for a plan that prices it
+        before anything runs. Cheap: no training, no pass over the pool. The default is a one-shot strategy: every
+        query at once, then one training of the piracy model; a strategy that does more says so here."""
+        return [work.query(job.victim, job.budget, job.query_batch),
+                work.train(job.piracy, job.budget, job.epochs, job.batch_size)]
+
+    def prepare_cost(self, pool: Pool) -> list[Work]:
+        """The work :meth:`prepare` will do on ``pool`` (empty when its products are cached already)."""
+        return []
 
     @classmethod
     def prepares(cls) -> bool:

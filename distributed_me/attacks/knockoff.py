@@ -48,6 +48,8 @@ import torch
 from pydantic import Field
 
 from ..answer import Answer
+from ..cost import work
+from ..cost.work import CostJob, Work
 from ..data.base import Pool
 from ..errors import DmeError
 from ..oracle import Oracle
@@ -299,6 +301,30 @@ class KnockoffAdaptive(QueryStrategy):
                  bandit.h.max())
         model = bench.train(torch.cat(images), Answer.concat(answers), fresh=True)
         return Extraction(model, np.concatenate(queried).astype(np.int64), bench.history)
+
+    def cost(self, job: CostJob) -> list[Work]:
+        """Queries in bandit steps of ``batch_per_step`` images (one API request each); with the loss reward, the
+        substitute scores every step's images and is updated (warm, ``retrain_epochs``) every ``retrain_every``
+        queries; k-means on 8x8 thumbnails when the pool has no labels; then the final piracy model."""
+        steps = -(-job.budget // self.batch_per_step)
+        items = [work.query(job.victim, job.budget, self.batch_per_step)]
+        labeled = job.pool is not None and job.pool.labels is not None
+        if not (self.arms == "labels" or (self.arms == "auto" and labeled)):
+            rows = min(job.pool_size, KMEANS_SAMPLE)
+            d = FEATURE_SIZE * FEATURE_SIZE
+            items.append(work.flops(3.0 * rows * self.n_clusters * d * 50 + 3.0 * job.pool_size * self.n_clusters * d,
+                                    what="k-means arms"))
+        if self.reward in ("loss", "all"):
+            every = self.retrain_every or max(1, job.budget // 10)
+            updates = [n for n in range(every, job.budget, every)]
+            items += [work.train(job.piracy, n, self.retrain_epochs, job.batch_size, what="interim substitute")
+                      for n in updates]
+            if updates:
+                items.append(work.infer(job.piracy, job.budget - updates[0], batch_size=self.batch_per_step,
+                                        what="substitute on each step's images"))
+        items.append(work.seconds(steps * 2e-4, "selection", "bandit steps"))
+        items.append(work.train(job.piracy, job.budget, job.epochs, job.batch_size))
+        return items
 
     def _interim_train(self, bench: Workbench, images: list[torch.Tensor], answers: list[Answer]) -> torch.nn.Module:
         """Warm-started update on all pairs so far, for the loss reward only: kept out of the per-epoch reports

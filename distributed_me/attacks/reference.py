@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..cost import work
+from ..cost.work import Net, Work
 from ..data.base import Normalization, Pool, adapt_images, to_tensor
 from ..data.features import features_loop, read_features, write_features
 from ..data.registry import normalization_from
@@ -229,13 +231,36 @@ def get_reference_set(spec: ReferenceSpec, pool: Pool | None = None, progress: b
     return ref
 
 
+def reference_work(spec: ReferenceSpec, pool: Pool, phase: str = "prepare") -> list[Work]:
+    """What :func:`get_reference_set` plus the feature pass over ``pool`` will do (nothing for a product already in
+    the local cache): ``n_models`` trainings on their share of the reference data, then every pool image through
+    every model. Cheap: reads labels and one image, never trains."""
+    data = reference_data(spec, pool)
+    key = reference_key(spec, data)
+    labels = np.asarray(data.labels)
+    size = spec.size or int(data.get(np.array([0])).shape[1])
+    net = Net(spec.arch, size, 3, int(labels.max()) + 1)
+    items: list[Work] = []
+    if not (_cache_dir() / key / _PAYLOAD).is_file():
+        n = len(data) if spec.max_images is None else min(len(data), spec.max_images)
+        share = -(-n // spec.n_models)
+        items += [work.train(net, share, spec.epochs, spec.batch_size, phase=phase,
+                             what=f"reference model {j + 1}/{spec.n_models}") for j in range(spec.n_models)]
+    from ..tracking import dme_home
+
+    if not (dme_home() / "features" / f"{key}-{pool.content_key()}.parquet").is_file():
+        items.append(work.infer(net, len(pool), passes=spec.n_models, batch_size=256, phase=phase,
+                                what="feature pass over the pool"))
+    return items
+
+
 # ----------------------------------------------------------------------------------------- feature files
 
 
 def feature_cache_path(ref: ReferenceSet, pool: Pool) -> Path:
     from ..tracking import dme_home
 
-    return dme_home() / "features" / f"{ref.key}-{pool.content_key()}.parquet"
+    return dme_home() / "features" / f"{ref.key}-{pool.content_key()}.parquet"  # reference_work checks the same
 
 
 def pool_features(ref: ReferenceSet, pool: Pool, progress: bool = False) -> np.ndarray:

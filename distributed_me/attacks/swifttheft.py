@@ -45,11 +45,20 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from ..cost import work
+from ..cost.work import CostJob, Work
 from ..data.base import Pool
 from ..data.features import read_features
 from ..oracle import Oracle
 from .base import Extraction, PrepareContext, QueryStrategy, Workbench, register_attack
-from .reference import ReferenceSpec, feature_cache_path, get_reference_set, pool_features, reference_data
+from .reference import (
+    ReferenceSpec,
+    feature_cache_path,
+    get_reference_set,
+    pool_features,
+    reference_data,
+    reference_work,
+)
 from .selection import PAPER_K_PER_ITER, PAPER_N_SEED, swifttheft_select
 
 log = logging.getLogger(__name__)
@@ -61,6 +70,9 @@ class SwiftTheft(QueryStrategy):
     path_options = ("features", "reference_data")
     smoke_options = {"n_seed": 10, "k_per_iter": 10, "n_reference": 2, "reference_arch": "tiny_cnn",
                      "reference_epochs": 1, "reference_size": 16}
+    # the sweep swifttheft-vs-baselines' cpu-small preset: 4 CNN32 references at 32 px for 10 epochs
+    cpu_small_options = {"n_reference": 4, "reference_arch": "cnn32", "reference_epochs": 10,
+                          "reference_lr": 0.001, "reference_size": 32}
 
     n_seed: int = Field(PAPER_N_SEED, ge=1, description="|S_0|, random seed samples (count toward the budget)")
     k_per_iter: int = Field(PAPER_K_PER_ITER, ge=1, description="K, least-likely samples added per iteration")
@@ -100,6 +112,21 @@ class SwiftTheft(QueryStrategy):
                        {})
         ctx.record({}, {"reference_key": ref.key})
         return {"features": str(path)}
+
+    def prepare_cost(self, pool: Pool) -> list[Work]:
+        return [] if self.features is not None else reference_work(self.reference_spec(), pool)
+
+    def cost(self, job: CostJob) -> list[Work]:
+        """Without prepared features, the reference set and feature pass run inside the trial (setup); then
+        ceil((B - s0) / K) selection iterations, each scoring the whole pool (N x D, D = reference classes)."""
+        items: list[Work] = []
+        d = 10
+        if self.features is None and job.pool is not None:
+            items = reference_work(self.reference_spec(), job.pool, phase="setup")
+            d = next((w.net.num_classes for w in items if w.net is not None), d)
+        iters = -(-max(0, job.budget - self.n_seed) // self.k_per_iter)
+        items.append(work.flops(iters * job.pool_size * d * 12.0 + job.pool_size * d * 4.0, what="Gaussian scores"))
+        return [*items, *super().cost(job)]
 
     def extract(self, oracle: Oracle, pool: Pool, budget: int, bench: Workbench) -> Extraction:
         self.check(oracle, pool, budget)

@@ -12,6 +12,10 @@ MLflow table, ``plots/*.png``), with the summary table as the parent run's descr
 A sweep whose spec has a ``paper:`` section (the values of the paper table it reproduces) also gets a paper-parity
 section: ours beside the paper's per cell, the difference, whether the paper's ordering holds, as ``parity.csv`` and
 ``parity.png`` (see :mod:`distributed_me.report.parity`; the spec is read back from the sweep's parent run).
+
+A sweep whose trials logged the cost model's projections also gets a "Projection vs reality" section: how far each
+trial's actual time was from what the plan promised, per strategy and phase, and the sweep's own steps, as
+``projection.csv`` and ``projection_vs_actual.png`` (see :mod:`distributed_me.report.projection`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ..parity import ParityResult, compare
 from ..tracking import NOTE_TAG, tracking_uri
 from .html import report_html
 from .parity import paper_table, parity_markdown, parity_text, write_parity
+from .projection import PLOT as PROJECTION_PLOT
+from .projection import ProjectionReport, projection_report
 from .runs import finished_trials, trial_row
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,7 @@ class Report:
     markdown: Path
     plots: list[Path]
     parity: ParityResult | None = None
+    projection: ProjectionReport | None = None
 
 
 def _client() -> Any:
@@ -161,8 +168,10 @@ def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Path], parity: ParityResult | None,
-              parity_plot: Path | None, rows_file: str, plot_dir: str = "") -> str:
-    """The report as Markdown; ``plot_dir`` is where the images sit relative to it (``plots/`` in MLflow)."""
+              parity_plot: Path | None, rows_file: str, plot_dir: str = "",
+              projection: ProjectionReport | None = None) -> str:
+    """The report as Markdown; ``plot_dir`` is where the images sit relative to it (``plots/`` in MLflow).
+    ``plots`` are the summary's plots; the parity and projection plots sit in their own sections."""
     parity_md = parity_markdown(parity, parity_plot) if parity is not None else ""
     if parity_plot is not None and plot_dir:
         parity_md = parity_md.replace(f"]({parity_plot.name})", f"]({plot_dir}{parity_plot.name})")
@@ -171,7 +180,8 @@ def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Pat
         f"{len(df)} finished trials, read from MLflow. Means over seeds; full rows in `{rows_file}`.", "",
         _markdown_table(table), "",
         *[f"![{p.stem}]({plot_dir}{p.name})" for p in plots], "",
-        *([parity_md] if parity is not None else [])])
+        *([parity_md] if parity is not None else []),
+        *([projection.markdown(plot_dir)] if projection is not None else [])])
 
 
 def write_report(sweep: str, out: Path | None = None, experiment: str | None = None, parent: Any = None) -> Report:
@@ -194,10 +204,13 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
     paper = paper_table(_client(), parent.info.run_id)
     parity = compare(paper, df) if paper is not None else None
     parity_plot = write_parity(parity, out) if parity is not None else None
+    projection = projection_report(df, parent, out)  # None for sweeps from before projections were logged
     md = out / "report.md"
-    md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv"))
-    text = _text_table(table) + (f"\n\n{parity_text(parity)}" if parity is not None else "")
-    return Report(df, text, md, plots + ([parity_plot] if parity_plot else []), parity)
+    md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv", projection=projection))
+    text = _text_table(table) + (f"\n\n{parity_text(parity)}" if parity is not None else "") + \
+        (f"\n\n{projection.text()}" if projection is not None else "")
+    return Report(df, text, md, plots + ([parity_plot] if parity_plot else []) +
+                  ([projection.plot] if projection is not None else []), parity, projection)
 
 
 def publish_report(sweep: str, parent_run_id: str, experiment: str | None = None) -> Report | None:
@@ -230,8 +243,9 @@ def _upload(c: Any, parent: Any, sweep: str, report: Report, out: Path) -> Repor
     rid = parent.info.run_id
     table = summary(report.frame)
     plot_names = {p.name for p in report.plots}
-    md = _markdown(sweep, report.frame, table, [p for p in report.plots if p.stem != "parity"], report.parity,
-                   next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/")
+    summary_plots = [p for p in report.plots if p.stem != "parity" and p.name != PROJECTION_PLOT]
+    md = _markdown(sweep, report.frame, table, summary_plots, report.parity,
+                   next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/", report.projection)
     (out / "report.md").write_text(md)
     (out / "trials.csv").rename(out / ROWS_FILE)
     (out / "report.html").write_text(report_html(sweep, md, report.plots, parent.data.tags.get(NOTE_TAG)))

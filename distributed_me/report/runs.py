@@ -43,7 +43,9 @@ def finished_trials(c: Any, experiment_id: str, parent_run_id: str) -> list[Any]
 
 
 def trial_row(run: Any) -> dict[str, Any]:
-    """A trial run as a row: its run id, every factor param (a string, ``None`` if absent) and every metric of the
-    result schema (``nan`` if absent)."""
+    """A trial run as a row: its run id, every factor param (a string, ``None`` if absent), every metric of the
+    result schema (``nan`` if absent) and the cost model's projection, every ``projected_*`` metric the run has (none
+    on runs from before projections were logged; the report compares them with the actual ``seconds_*``)."""
     return {"run_id": run.info.run_id, **{k: run.data.params.get(k) for k in FACTORS},
-            **{k: run.data.metrics.get(k, math.nan) for k in METRIC_NAMES}}
+            **{k: run.data.metrics.get(k, math.nan) for k in METRIC_NAMES},
+            **{k: v for k, v in run.data.metrics.items() if k.startswith("projected_")}}

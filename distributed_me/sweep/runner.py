@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks import ATTACKS, PrepareContext, Timer
+from ..cost.guard import check_limit, limit_seconds
+from ..cost.work import human
 from ..data import load_pool
 from ..errors import DmeError
 from ..extraction import METRIC_NAMES
@@ -40,6 +42,7 @@ from ..report import publish_report
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import is_embedded, victim_bundle_path
 from ..victims.embedded import embedded_bundle_path
+from .plan import cost_key, plan_sweep, ray_resources, smaller_preset, trial_projections
 from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
 from .trial import HARNESS_METRIC
@@ -94,13 +97,15 @@ def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
 
 
-def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True) -> dict[str, dict[str, dict]]:
+def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True,
+                       projected: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
     """The strategies' once-per-sweep preparation (see :class:`~distributed_me.attacks.QueryStrategy`), before any
     trial: every strategy of the grid that declares a ``prepare`` step runs it here, once per pool of the grid, with a
     Ray Data actor pool as its ``map_pool``; what it returns is added to that strategy's options in every trial on
     that pool, so trials read the product instead of each recomputing it. Figures it records, and its wall time, go
     to the parent run as ``prepare.STRATEGY.NAME`` (``prepare.STRATEGY.POOL.NAME`` when the grid has several pools,
-    POOL being the pool's name). Returns ``{pool: {strategy: products}}`` for the trials."""
+    POOL being the pool's name), with the plan's ``projected_seconds`` / ``projected_raw_seconds`` (``projected``:
+    the plan's preparation steps by name). Returns ``{pool: {strategy: products}}`` for the trials."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -127,7 +132,11 @@ def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = Tru
             log.info("preparing strategy %s on pool %s", name, pool.name)
             products = cls(**spec.attack.strategy_options.get(name, {})).prepare(
                 pool, PrepareContext(progress=progress, record=record, map_pool=ray_map_pool(progress=progress)))
-            record({"seconds": time.perf_counter() - t0}, {k: str(v) for k, v in products.items()})
+            step = (projected or {}).get(f"prepare {name} on {pool.name}") or \
+                (projected or {}).get(f"prepare {name} on {pool.name} (cached)")
+            plan_figures = {} if step is None else {"projected_seconds": step.corrected.total,
+                                                    "projected_raw_seconds": step.raw.total}
+            record({"seconds": time.perf_counter() - t0, **plan_figures}, {k: str(v) for k, v in products.items()})
             prepared[pool_ref][name] = dict(products)
     return prepared
 
@@ -146,9 +155,16 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
     from ray import tune
 
     if spec.search.kind == "grid":
-        # longest first (queries x epochs as the proxy): with trials side by side, a long trial started last would
-        # run alone at the end while the other slots idle (LPT scheduling)
-        order = sorted(spec.grid(), key=lambda f: int(f["budget"]) * int(f["epochs"]), reverse=True)
+        # longest first, by the plan's projection (queries x epochs where there is none): with trials side by side,
+        # a long trial started last would run alone at the end while the other slots idle (LPT scheduling; the
+        # plan's makespan assumes this order)
+        projected = ctx.get("projected", {})
+
+        def length(f: dict) -> float:
+            p = projected.get(cost_key(f), {}).get("projected_seconds_total")
+            return p if p is not None else float(int(f["budget"]) * int(f["epochs"]))
+
+        order = sorted(spec.grid(), key=length, reverse=True)
         return {"factors": tune.grid_search(order), "ctx": ctx}
     a = spec.attack
     axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "pool": spec.pool,
@@ -210,11 +226,17 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
 def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resume: str | None = None,
               address: str | None = None, num_cpus: int | None = None,
               on_progress: Callable[[str], None] | None = None, fresh: bool = False,
-              on_status: Callable[[str], None] | None = None) -> SweepOutcome:
+              on_status: Callable[[str], None] | None = None, max_hours: float | None = None,
+              cost_limit: bool = True) -> SweepOutcome:
     """Run (or, with ``resume=NAME``, resume) a sweep; see the module docstring. ``fresh`` discards the Tune state
     of an earlier sweep of the same name (its MLflow runs stay; reports read the newest parent run).
     ``on_progress`` receives one line per trial state change (started, finished, failed); ``on_status`` (a terminal)
-    the live status line: counts and each running trial's epoch."""
+    the live status line: counts and each running trial's epoch.
+
+    Once Ray is up (its resources known) and before anything else, the sweep is priced (:mod:`.plan`); a plan over
+    the limit (``max_hours``, :mod:`distributed_me.cost.guard`) raises
+    :class:`~distributed_me.cost.guard.CostLimitError` unless ``cost_limit`` is off. Each trial and preparation
+    step then logs its projection beside its actual time, and the parent run the plan's totals."""
     import ray
     from ray import serve
 
@@ -244,6 +266,15 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         init_ray(address, num_cpus=num_cpus)
         ship_plugins(spec.plugins)
         gpus = cluster_has_gpus()
+    with clock.phase("plan"):
+        resources = ray_resources()
+        plan = plan_sweep(spec, resources)
+        if on_progress:
+            on_progress(f"plan: {len(plan.trials)} trials, {human(plan.wall_s)} projected on {resources.label} "
+                        f"({plan.concurrency} at a time; `dme sweep ... --dry-run` shows every step)")
+        if cost_limit and not resume:
+            check_limit(f"sweep {spec.name!r}", plan.wall_s, resources.label, limit_seconds(max_hours),
+                        smaller_preset(spec, preset, resources))
     with clock.phase("mlflow"):
         exp_id = ensure_experiment(spec.experiment)
         parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
@@ -252,6 +283,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         else:
             parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
                                            ray.cluster_resources(), preset)
+        tracking.log_plan(parent, plan.metrics(), plan.device.key)
     status, error, summary = "FAILED", None, None
     deployer = None
     try:
@@ -267,12 +299,14 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                                         http=bool(address or os.environ.get("RAY_ADDRESS")),
                                         port=int(os.environ.get("DME_SERVE_PORT", "8000")))
         with clock.phase("prepare"):
-            prepared = prepare_strategies(spec, parent, progress=on_progress is not None)
+            prepared = prepare_strategies(spec, parent, progress=on_progress is not None,
+                                          projected={s.name: s for s in plan.serial if s.kind == "prepare"})
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
-               "deploy_timeout_s": spec.resources.deploy_timeout_s}
+               "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
+               "cost_device": plan.device.key}
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
@@ -281,6 +315,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
+        # the phases so far, before the report reads them (its projection-vs-reality table); end_parent logs all
+        tracking.log_plan(parent, {f"sweep_seconds_{k}": v for k, v in clock.seconds.items()})
         with clock.phase("report"):  # summary table, report, CSV and plots onto the parent run (never raises)
             publish_report(spec.name, parent, spec.experiment)
         rows, errors = [], []

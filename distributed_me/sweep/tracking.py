@@ -144,6 +144,18 @@ def start_parent(experiment: str, sweep: str, spec: dict, cluster: dict[str, flo
     return rid
 
 
+def log_plan(run_id: str, metrics: dict[str, float], device_key: str | None = None) -> None:
+    """The sweep plan's totals (or the sweep's own phases so far) on the parent run, tagged with the device they were
+    priced for (what later plans learn their corrections from, :mod:`distributed_me.cost.history`)."""
+    from mlflow.entities import Metric, RunTag
+
+    from ..cost.history import DEVICE_TAG
+
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                       tags=[RunTag(DEVICE_TAG, device_key)] if device_key else [])
+
+
 def end_stale_children(run_id: str, reason: str) -> int:
     """Mark KILLED, with ``reason``, every child run of ``run_id`` still RUNNING: attempts whose process died without
     closing its run (a lost worker node, a killed driver). Call only when no trial of the sweep runs."""

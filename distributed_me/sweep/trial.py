@@ -32,11 +32,13 @@ from typing import Any
 import torch
 
 from ..attacks import Timer
+from ..cost.history import DEVICE_TAG
 from ..data import load_pool
 from ..extraction import FACTORS, AttackSpec, Evaluator, run_extraction
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
+from .plan import cost_key
 from .spec import options_for_pool
 from .tracking import TrialRun, finished_trial, trial_key, trial_run_name
 
@@ -110,7 +112,7 @@ def run_trial(config: dict[str, Any]) -> None:
         attack = attack_spec(ctx, f)
         run = TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
                        {"dme.trial_id": trial_id, "dme.deployment": deployment,
-                        "dme.node": ray.get_runtime_context().get_node_id()},
+                        "dme.node": ray.get_runtime_context().get_node_id(), DEVICE_TAG: ctx["cost_device"]},
                        # what the strategy was given, prepared products included (e.g. a features file)
                        {"strategy_options": attack.strategy_options})
     with run:
@@ -135,8 +137,10 @@ def run_trial(config: dict[str, Any]) -> None:
                 run.metrics(metrics, step=epoch)
                 tune.report({**metrics, "epoch": epoch, "completed": False})
 
+        # the plan's projection of this trial (by its cost-relevant factors), logged beside what it takes
         result = run_extraction(oracle, pool, attack, evaluator, on_epoch=on_epoch,
-                                eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"])
+                                eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"],
+                                projected=ctx["projected"].get(cost_key(f)))
         result.seconds["train"] -= h.seconds.get("epoch_reports", 0.0)
         result.seconds["total"] -= h.seconds.get("epoch_reports", 0.0)
         final = result.metrics()
