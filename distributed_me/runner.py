@@ -58,15 +58,17 @@ def log_extraction_run(result: ExtractionResult, params: dict, experiment: str, 
 
 def project_attack(spec: AttackSpec, input_shape: tuple[int, int, int], num_classes: int, pool: Pool,
                    victim: Victim, test_size: int, policy: str | None, *, remote: bool = False,
-                   threads: int | None = None) -> tuple[Projection, Projection, Device]:
+                   threads: int | None = None) -> tuple[Projection, Projection, Rates]:
     """One extraction priced on this process's device: (the cost model's projection, the same corrected by recorded
-    runs, the device). ``remote``: queries go over HTTP (their overhead priced as a Serve request's)."""
+    runs, the rates it was priced with). ``remote``: queries go over HTTP (their overhead priced as a Serve
+    request's)."""
     device = Device.here(threads)
     rates = Rates(device, request_s=SERVE_REQUEST_S if remote else 0.0)
     victim_net = Net(victim.meta.arch, victim.meta.img_size, victim.meta.in_chans, victim.meta.num_classes)
     job = cost_job(spec, input_shape, num_classes, pool, victim_net)
     raw = project(extraction_work(spec, job, test_size, policy=policy), rates)
-    return raw, raw.scaled(learned_factors(device.key).factors(spec.strategy, victim.meta.name, spec.arch)), device
+    corrections = learned_factors(rates.key).factors(spec.strategy, victim.meta.name, spec.arch)
+    return raw, raw.scaled(corrections), rates
 
 
 def attack_in_process(
@@ -101,9 +103,10 @@ def attack_in_process(
         oracle = LocalOracle(v, output_policy, budget=spec.budget, name=v.meta.name, seed=spec.seed)
     spec.build_strategy().check(oracle, p, spec.budget)  # fail before the (slower) evaluator setup
     evaluator = evaluator_for(v, data_root, download)
-    raw, corrected, device = project_attack(spec, oracle.info.input_shape, oracle.info.num_classes, p, v,
+    raw, corrected, rates = project_attack(spec, oracle.info.input_shape, oracle.info.num_classes, p, v,
                                             len(evaluator.images), None if victim_url else output_policy,
                                             remote=bool(victim_url))
+    device = rates.device
     if announce is not None and corrected.total > ANNOUNCE_S:
         announce(describe(corrected, f"{spec.strategy} attack, budget {spec.budget}, on {device.label}"))
     if cost_limit:
@@ -122,6 +125,6 @@ def attack_in_process(
                   # a remote API does not disclose its defense (its metadata shows the output kind only)
                   "output_policy_chain": ",".join(d["name"] for d in oracle.info.policy) or "undisclosed"}
         tags = {"dme.victim": v.meta.name, "dme.attack": spec.strategy, "dme.budget": str(spec.budget),
-                "dme.defense": params["output_policy_chain"], DEVICE_TAG: device.key}
+                "dme.defense": params["output_policy_chain"], DEVICE_TAG: rates.key}
         log_extraction_run(result, params, experiment, f"{spec.strategy}-{v.meta.name}-b{spec.budget}", tags)
     return result

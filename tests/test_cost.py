@@ -193,6 +193,10 @@ def test_measured_rates_are_cached_per_device(tmp_path):
     again = Rates(Device.here(1), path=path)
     assert again.net(net) == rate and again.measured == []  # read, not measured again
     assert Device.here(2).key != Device.here(1).key  # threads are part of the device
+    # runs are tagged with the calibration: the same while the figures are, new when the device is measured again
+    assert again.key == first.key and again.key.startswith(Device.here(1).key + "@")
+    path.unlink()
+    assert Rates(Device.here(1), path=path).key != first.key
 
 
 def test_gpu_profile_prices_from_flops():

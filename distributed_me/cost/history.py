@@ -1,7 +1,11 @@
 """The calibration improves from recorded runs: what finished runs took against what the cost model said.
 
 Every sweep trial (and every ``dme attack`` logged to MLflow) records ``projected_raw_seconds_PHASE`` (the cost model
-alone) beside ``seconds_PHASE`` (what it took), tagged with the device key it was priced for (``dme.cost_device``).
+alone) beside ``seconds_PHASE`` (what it took), tagged with the device and calibration it was priced with
+(``dme.cost_device``, :attr:`Rates.key <distributed_me.cost.rates.Rates.key>`): a device measured again starts
+without corrections, because factors learned against old figures would correct the new ones wrongly (measured: after
+a re-measurement on a quiet machine the raw projections of the quickstart were exact, 1.00, and the factor 0.78 learned
+against figures measured under load sent them to 1.26).
 :func:`learned_factors` reads the newest such runs of one device and returns, per phase, the median of actual / raw
 — per kind of work (:func:`work_key`: strategy, victim, piracy architecture) with at least :data:`MIN_RUNS` runs, none
 otherwise — clipped to

@@ -222,6 +222,22 @@ class Rates:
         self._cache = self._read()
         self.measured: list[str] = []  # nets measured by this object (a plan says so)
 
+    @property
+    def key(self) -> str:
+        """The device key and the calibration's id (``cpu-x86_64-2t@3f2a…``): what recorded runs are tagged with, so
+        that corrections are learned only against the figures they corrected (a re-measured device starts afresh)."""
+        if self.device.profile is not None:
+            return self.device.key
+        if "id" not in self._cache:
+            stored = self._read().get("id")  # another process (or object) may have given the figures an id
+            if stored is None:
+                import uuid
+
+                stored = uuid.uuid4().hex[:8]
+            self._cache["id"] = stored
+            self._write()
+        return f"{self.device.key}@{self._cache['id']}"
+
     # ------------------------------------------------------------------ cache
     def _read(self) -> dict:
         try:
@@ -264,11 +280,16 @@ class Rates:
                 flops = forward_flops(net)
                 return NetRate(flops, 0.0, 3 * flops / guess, 0.0, flops / guess, 0.2, measured=False)
             log.info("measuring %s on %s (once; cached in %s)", net, self.device.label, self.path)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+            if load > 0.5 * (os.cpu_count() or 1):  # other work shares the cores: the figures come out too slow
+                log.warning("measuring %s while the machine is busy (load %.1f on %d CPUs): projections on %s may be "
+                            "pessimistic; delete %s to measure again on a quiet machine", net, load,
+                            os.cpu_count() or 1, self.device.label, self.path)
             with _threads(self.device.threads), torch.random.fork_rng():
-                nets[key] = asdict(measure_net(net, guess))
+                nets[key] = {**asdict(measure_net(net, guess)), "load": load}
             self.measured.append(str(net))
             self._write()
-        return NetRate(**nets[key])
+        return NetRate(**{k: v for k, v in nets[key].items() if k != "load"})
 
     # ------------------------------------------------------------------ pricing
     def seconds(self, w: Work) -> float:

@@ -73,6 +73,7 @@ class PlannedStep:
 class SweepPlan:
     name: str
     device: Device
+    calibration: str  # the trials' Rates.key: what the sweep's runs are tagged with
     cluster: ClusterResources
     concurrency: int
     cpus_per_trial: float
@@ -122,7 +123,8 @@ class SweepPlan:
 
     @property
     def gpu_hours(self) -> float:
-        return sum(s.seconds for s in self.trials) * self.trials_factor * self.gpus_per_trial / 3600
+        serial = sum(s.seconds for s in self.serial) if self.device.gpu else 0.0
+        return (sum(s.seconds for s in self.trials) * self.trials_factor * self.gpus_per_trial + serial) / 3600
 
     def finish(self, start: datetime | None = None) -> datetime:
         return (start or datetime.now()) + timedelta(seconds=self.wall_s)
@@ -249,7 +251,7 @@ def plan_sweep(spec: SweepSpec, resources: ClusterResources, *, rates: Rates | N
         trial_rates = Rates(rates.device, path=rates.path, calibrate=rates.calibrate, request_s=rates.request_s,
                             share=r.gpu_fraction if gpus else 1.0)
         trial_rates._cache = rates._cache
-    corrections = corrections if corrections is not None else learned_factors(device.key)
+    corrections = corrections if corrections is not None else learned_factors(trial_rates.key)
     notes: list[str] = []
     if device.profile:
         notes.append(f"GPU work priced from FLOPs: {device.label}")
@@ -297,14 +299,18 @@ def plan_sweep(spec: SweepSpec, resources: ClusterResources, *, rates: Rates | N
         notes.append(f"a trial asks for {r.cpus_per_trial:g} CPUs{f' and {r.gpu_fraction:g} GPU' if gpus else ''} "
                      f"but {resources.label} has fewer: no trial would ever start there (priced one at a time); "
                      f"lower resources.cpus_per_trial or use a bigger cluster")
-    measured = sorted(set(rates.measured + trial_rates.measured))
-    if measured:
-        notes.append(f"measured once on {device.label} (cached): {', '.join(measured)}")
+    for rr in {id(x): x for x in (rates, trial_rates)}.values():
+        if rr.measured:
+            notes.append(f"measured once on {rr.device.label} (cached): {', '.join(sorted(set(rr.measured)))}")
+    if rates.device.profile and any(s.kind == "prepare" and s.seconds for s in steps):
+        notes.append("preparation steps run in the sweep's driver process: priced on the GPU, which holds only if "
+                     "the driver runs on a GPU node (a head node without one runs them on its CPU)")
     if gpus and r.gpu_fraction < 1:
         notes.append(f"each trial gets {r.gpu_fraction:g} of a GPU: its GPU work is priced at that share of the "
                      f"card's throughput")
-    plan = SweepPlan(spec.name, device, resources, concurrency, r.cpus_per_trial, r.gpu_fraction if gpus else 0.0,
-                     steps, fixed, corrections.runs, notes, corrections.trials_factor(spec.name))
+    plan = SweepPlan(spec.name, device, trial_rates.key, resources, concurrency, r.cpus_per_trial,
+                     r.gpu_fraction if gpus else 0.0, steps, fixed, corrections.runs, notes,
+                     corrections.trials_factor(spec.name))
     used = sum(1 for s in plan.trials if s.corrected.total != s.raw.total)
     if used or plan.trials_factor != 1.0:
         notes.append(f"{used} of {len(plan.trials)} trials corrected by recorded runs of the same work on this "
@@ -378,7 +384,7 @@ def format_plan(plan: SweepPlan, preset: str | None = None, limit_s: float | Non
         return f"  {s.name[:58]:<58} {human(s.seconds):>10} {hours * cpus:>7.3f}{g}  {_phases(s.corrected)}"
 
     for s in plan.serial:
-        lines.append(row(s, 1.0, 0.0))
+        lines.append(row(s, 1.0, 1.0 if plan.device.gpu else 0.0))
     trials = plan.trials
     shown = trials if len(trials) <= 40 else trials[:20] + trials[-5:]
     for i, s in enumerate(shown):

@@ -283,7 +283,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         else:
             parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
                                            ray.cluster_resources(), preset)
-        tracking.log_plan(parent, plan.metrics(), plan.device.key)
+        tracking.log_plan(parent, plan.metrics(), plan.calibration)
     status, error, summary = "FAILED", None, None
     deployer = None
     try:
@@ -306,7 +306,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
-               "cost_device": plan.device.key}
+               "cost_device": plan.calibration}
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
