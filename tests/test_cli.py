@@ -88,7 +88,7 @@ def test_bad_input_is_one_clear_error(capsys, argv, needle):
      "attack strategy 'random' has no preparation step, so there is nothing to compute for a pool; strategies with "
      "one: swifttheft"),
     (["pool", "features", "photos", "--strategy", "nope"], "valid attack strategy names: activethief-dfal"),
-    (["bench", "nope"], "unknown benchmark 'nope'; valid benchmark names: extraction, "),
+    (["bench", "nope"], "unknown benchmark 'nope'; valid benchmark names: cost, extraction, "),
     (["sweep", "--resume", "no-such-sweep"], "no sweep named 'no-such-sweep' to resume"),
     (["sweep", "sweeps/quickstart.yaml", "--preset", "nope"], "unknown preset 'nope'; this sweep has: smoke"),
     (["sweep", "sweeps/quickstart.yaml", "--set", "resources"], "--set takes DOTTED.FIELD=VALUE"),

@@ -87,9 +87,10 @@ def test_concurrency_follows_resources_and_the_spec():
     assert gpu.concurrency == 8 and gpu.device.profile == "a100" and gpu.gpu_hours > 0
 
 
-def test_the_embedded_victim_is_priced_when_not_cached_yet():
+def test_the_embedded_victim_is_priced_when_not_cached_yet(tmp_path, monkeypatch):
+    monkeypatch.setenv("DME_HOME", str(tmp_path / "fresh-home"))  # a machine that never trained it
     plan = plan_sweep(_spec(), ClusterResources(2, 0, "x"), rates=FixedRates())
-    assert [s.name for s in plan.serial] == ["train victim digits"]  # the session's home has no victim yet
+    assert [s.name for s in plan.serial] == ["train victim digits"]
     assert plan.serial[0].seconds > 0
 
 
@@ -160,3 +161,18 @@ def test_format_plan_names_the_device_and_the_limit():
     text = format_plan(plan, "cpu-small", limit_s=1.0)
     assert "(preset cpu-small)" in text and "test device" in text and "OVER: refused" in text
     assert set(FIXED_DEFAULTS) >= {"ray", "mlflow", "deploy_background", "report"}
+
+
+def test_the_limit_is_on_wall_time_where_the_sweep_runs():
+    """The same sweep, refused on a 2-CPU machine and let through on a 32-CPU cluster: the limit is on the wall
+    time the cluster's resources make of the work, never on the work's sum."""
+    from distributed_me.cost.guard import CostLimitError, check_limit
+
+    spec = _spec(resources={"cpus_per_trial": 1, "max_concurrent_trials": None})
+    small = plan_sweep(spec, ClusterResources(2, 0, "two CPUs"), rates=FixedRates())
+    big = plan_sweep(spec, ClusterResources(32, 0, "a cluster"), rates=FixedRates())
+    assert big.concurrency == 16 and big.wall_s < small.wall_s
+    limit = (big.wall_s + small.wall_s) / 2
+    check_limit("sweep", big.wall_s, big.cluster.label, limit, None)
+    with pytest.raises(CostLimitError):
+        check_limit("sweep", small.wall_s, small.cluster.label, limit, None)

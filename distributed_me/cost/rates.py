@@ -104,8 +104,8 @@ def forward_flops(net: Net) -> float:
 
     from ..models import create_model
 
-    with torch.device("meta"):
-        model = create_model(net.arch, net.num_classes, in_chans=net.in_chans, img_size=net.img_size, check=False)
+    with torch.device("meta"):  # the shape check too: a net that cannot take the input is the user's error, named
+        model = create_model(net.arch, net.num_classes, in_chans=net.in_chans, img_size=net.img_size)
         x = torch.zeros(1, net.in_chans, net.img_size, net.img_size)
         with FlopCounterMode(display=False) as counter:
             model(x)
