@@ -349,16 +349,22 @@ def test_pool_strategies_in_a_sweep_over_a_parquet_pool(sweep_env):
                                           "tiny_cnn", "reference_epochs": 1, "reference_size": 16},
                            "activethief-kcenter": {"n_seed": 20, "per_round": 10}}})
     doc["pool_options"] = {}
+    lines: list[str] = []
     try:
-        out = run_sweep(parse_sweep(doc), num_cpus=2)
+        out = run_sweep(parse_sweep(doc), num_cpus=2, on_progress=lines.append)
     finally:
         _shutdown_ray()
     assert out.errors == [] and sorted(r["strategy"] for r in out.rows) == sorted(strategies)
+    # the preparation is announced with its projection before it runs, and logged beside what it took
+    (announced,) = [ln for ln in lines if ln.startswith("prepare swifttheft on ")]
+    assert "projected, before any trial" in announced and "\r" not in "".join(lines)
     assert all(r["queries_used"] == 40 and r["completed"] for r in out.rows)
 
     (parent,) = _runs(sweep_env["uri"], "pools", "sweep")
     key = parent.data.tags["dme.prepare.swifttheft.reference_key"]
     assert parent.data.metrics["prepare.swifttheft.feature_pass_images_per_s"] > 0
+    assert parent.data.metrics["prepare.swifttheft.projected_seconds"] > 0 and \
+        parent.data.metrics["prepare.swifttheft.seconds"] > 0
     features = parent.data.tags["dme.prepare.swifttheft.features"]  # what every SwiftTheft trial was given
     c = MlflowClient(sweep_env["uri"])
     refs = c.search_runs([c.get_experiment_by_name("dme-references").experiment_id],

@@ -299,8 +299,14 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                                         http=bool(address or os.environ.get("RAY_ADDRESS")),
                                         port=int(os.environ.get("DME_SERVE_PORT", "8000")))
         with clock.phase("prepare"):
-            prepared = prepare_strategies(spec, parent, progress=on_progress is not None,
-                                          projected={s.name: s for s in plan.serial if s.kind == "prepare"})
+            steps = [s for s in plan.serial if s.kind == "prepare"]
+            if on_progress:
+                for s in steps:
+                    if s.seconds > 0:
+                        on_progress(f"{s.name}: {human(s.seconds)} projected, before any trial")
+            # progress bars only on a terminal: in a log (a Ray job, a redirect) they are lines of carriage returns
+            prepared = prepare_strategies(spec, parent, progress=on_progress is not None and sys.stderr.isatty(),
+                                          projected={s.name: s for s in steps})
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
