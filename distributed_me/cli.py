@@ -77,7 +77,7 @@ def _check_victim_training(ds: Any, arch: str, cfg: Any, args: argparse.Namespac
         print(describe(p, f"training victim {arch} on {ds.name}, on {device.label}"), flush=True)
     if not args.no_cost_limit:
         check_limit(f"training victim {arch} on {ds.name}", p.total, device.label, limit_seconds(args.max_hours),
-                    "fewer --epochs, or --arch cnn32" if arch != "cnn32" else "fewer --epochs")
+                    lambda: "fewer --epochs, or --arch cnn32" if arch != "cnn32" else "fewer --epochs")
 
 
 def cmd_train_victim(args: argparse.Namespace) -> int:
@@ -372,13 +372,16 @@ def _check_preparation(strategy: Any, pool: Any, args: argparse.Namespace) -> No
         print(describe(projected, f"{strategy.name} preparation on {pool.name}, on {device.label}"), flush=True)
     if args.no_cost_limit:
         return
-    small = type(strategy)(**{**strategy.model_dump(), **strategy.cpu_small_options})
-    small_s = project(small.prepare_cost(pool), rates).total
-    flags = " ".join(f"--strategy-option {k}={v}" for k, v in strategy.cpu_small_options.items()
-                     if getattr(strategy, k) != v)
+
+    def alternative() -> str | None:
+        small = type(strategy)(**{**strategy.model_dump(), **strategy.cpu_small_options})
+        small_s = project(small.prepare_cost(pool), rates).total
+        flags = " ".join(f"--strategy-option {k}={v}" for k, v in strategy.cpu_small_options.items()
+                         if getattr(strategy, k) != v)
+        return f"{flags} (projected {human(small_s)})" if flags and small_s < projected.total else None
+
     check_limit(f"the {strategy.name} preparation on {pool.name}", projected.total, device.label,
-                limit_seconds(args.max_hours),
-                f"{flags} (projected {human(small_s)})" if flags and small_s < projected.total else None)
+                limit_seconds(args.max_hours), alternative)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

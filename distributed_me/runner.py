@@ -110,11 +110,14 @@ def attack_in_process(
     if announce is not None and corrected.total > ANNOUNCE_S:
         announce(describe(corrected, f"{spec.strategy} attack, budget {spec.budget}, on {device.label}"))
     if cost_limit:
-        small, flags = smaller_attack(spec)
-        small_s = project_attack(small, oracle.info.input_shape, oracle.info.num_classes, p, v,
-                                 len(evaluator.images), output_policy, remote=bool(victim_url))[1].total
+        def alternative() -> str | None:
+            small, flags = smaller_attack(spec)
+            small_s = project_attack(small, oracle.info.input_shape, oracle.info.num_classes, p, v,
+                                     len(evaluator.images), output_policy, remote=bool(victim_url))[1].total
+            return f"{flags} (projected {human(small_s)})" if flags and small_s < corrected.total else None
+
         check_limit(f"this {spec.strategy} attack", corrected.total, device.label, limit_seconds(max_hours),
-                    f"{flags} (projected {human(small_s)})" if flags and small_s < corrected.total else None)
+                    alternative)
     # the policy is known only in process; a remote API's policy is the server's, and its utility the server's to judge
     result = run_extraction(oracle, p, spec, evaluator, progress=progress,
                             policy=None if victim_url else output_policy,

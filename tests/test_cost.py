@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import fixed_rates
 
 from distributed_me.attacks import ATTACKS, QueryStrategy
 from distributed_me.cost import work
@@ -26,21 +27,10 @@ def victim():
     return load_victim(None)
 
 
-class FixedRates(Rates):
-    """Hand-set figures (no measurement): 1 ms per sample and 10 ms per step for every net, 1 GFLOP/s."""
-
-    def __init__(self, request_s: float = 0.0) -> None:
-        super().__init__(Device("test", "test device"), calibrate=False, request_s=request_s)
-        self._cache = {"matmul": 1e9, "nets": {}}
-
-    def net(self, net: Net):
-        from distributed_me.cost.rates import NetRate
-
-        return NetRate(1e6, 0.010, 0.001, 0.010, 0.0005, 0.1)
 
 
 def test_pricing_of_each_kind_by_hand():
-    r = FixedRates(request_s=0.02)
+    r = fixed_rates(request_s=0.02)
     net = Net("cnn32", 16, 1, 10)
     # 3 epochs of 100 samples in batches of 64: 6 steps x 10 ms + 300 samples x 1 ms
     assert r.seconds(work.train(net, 100, 3, 64)) == pytest.approx(0.06 + 0.3)
@@ -79,7 +69,7 @@ def test_every_registered_strategy_prices_exactly_its_budget(name):
     assert all(w.samples <= 90 for w in items if w.kind == "train" and w.phase == "train")
     assert all(w.samples >= 0 and w.passes >= 0 and w.flops >= 0 and w.seconds >= 0 for w in items)
     assert all(w.phase == "prepare" for w in strategy.prepare_cost(pool))
-    assert FixedRates().seconds(items[0]) >= 0
+    assert fixed_rates().seconds(items[0]) >= 0
 
 
 def test_activethief_rounds_are_priced_as_it_runs_them():
@@ -177,9 +167,12 @@ def test_limit_from_flag_environment_and_default(monkeypatch):
     monkeypatch.setenv("DME_COST_LIMIT_HOURS", "soon")
     with pytest.raises(DmeError, match="not a number"):
         limit_seconds()
+    check_limit("x", 10, "here", 10, lambda: pytest.fail("the alternative was priced for work within the limit"))
     check_limit("x", 10, "here", 10, None)  # at the limit: allowed
     with pytest.raises(CostLimitError, match="11 s on here, over the limit of 10 s"):
         check_limit("x", 11, "here", 10, None)
+    with pytest.raises(CostLimitError, match="Smaller: --epochs 1 .projected 1 s."):
+        check_limit("x", 11, "here", 10, lambda: "--epochs 1 (projected 1 s)")
 
 
 def test_measured_rates_are_cached_per_device(tmp_path):
@@ -220,4 +213,4 @@ def test_cost_job_from_spec(victim):
     spec = AttackSpec(budget=100, arch="cnn32", epochs=3)
     job = cost_job(spec, victim.input_shape, 10, load_pool("photos"), None)
     assert job.piracy == Net("cnn32", 16, 1, 10) and job.budget == 100 and job.pool_size == len(load_pool("photos"))
-    assert project(extraction_work(spec, job, 100), FixedRates()).total > 0
+    assert project(extraction_work(spec, job, 100), fixed_rates()).total > 0

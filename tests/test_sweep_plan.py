@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import fixed_rates
 
 from distributed_me.cost.history import DEVICE_TAG, learned_factors
 from distributed_me.cost.plan import PROJECTED_RAW
-from distributed_me.cost.rates import Device, NetRate, Rates
-from distributed_me.cost.work import Net
 from distributed_me.sweep.plan import (
     FIXED_DEFAULTS,
     ClusterResources,
@@ -27,15 +26,6 @@ from distributed_me.sweep.spec import parse_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class FixedRates(Rates):
-    """1 ms per training sample and 10 ms per step for every net: no measurement, exact sums."""
-
-    def __init__(self) -> None:
-        super().__init__(Device("test", "test device"), calibrate=False)
-        self._cache = {"matmul": 1e9, "nets": {}}
-
-    def net(self, net: Net) -> NetRate:
-        return NetRate(1e6, 0.010, 0.001, 0.010, 0.0005, 0.1)
 
 
 def _spec(**over):
@@ -51,7 +41,7 @@ def _spec(**over):
 
 def test_the_plan_has_every_trial_and_sums_its_parts():
     spec = _spec()
-    plan = plan_sweep(spec, ClusterResources(2, 0, "two CPUs"), rates=FixedRates(), corrections=None)
+    plan = plan_sweep(spec, ClusterResources(2, 0, "two CPUs"), rates=fixed_rates(), corrections=None)
     assert len(plan.trials) == len(spec.grid()) == 2 * 2 * 2 * 2
     assert plan.concurrency == 2
     for s in plan.trials:
@@ -78,9 +68,9 @@ def test_the_plan_has_every_trial_and_sums_its_parts():
 
 def test_concurrency_follows_resources_and_the_spec():
     spec = _spec(resources={"cpus_per_trial": 2, "max_concurrent_trials": 3})
-    assert plan_sweep(spec, ClusterResources(16, 0, "x"), rates=FixedRates()).concurrency == 3
-    assert plan_sweep(spec, ClusterResources(5, 0, "x"), rates=FixedRates()).concurrency == 2
-    starved = plan_sweep(spec, ClusterResources(1, 0, "x"), rates=FixedRates())
+    assert plan_sweep(spec, ClusterResources(16, 0, "x"), rates=fixed_rates()).concurrency == 3
+    assert plan_sweep(spec, ClusterResources(5, 0, "x"), rates=fixed_rates()).concurrency == 2
+    starved = plan_sweep(spec, ClusterResources(1, 0, "x"), rates=fixed_rates())
     assert any("no trial would ever start" in n for n in starved.notes)
     gpu = plan_sweep(_spec(resources={"cpus_per_trial": 1, "gpu_fraction": 0.25}),
                      stated_resources("a100", 2, 64))
@@ -89,7 +79,7 @@ def test_concurrency_follows_resources_and_the_spec():
 
 def test_the_embedded_victim_is_priced_when_not_cached_yet(tmp_path, monkeypatch):
     monkeypatch.setenv("DME_HOME", str(tmp_path / "fresh-home"))  # a machine that never trained it
-    plan = plan_sweep(_spec(), ClusterResources(2, 0, "x"), rates=FixedRates())
+    plan = plan_sweep(_spec(), ClusterResources(2, 0, "x"), rates=fixed_rates())
     assert [s.name for s in plan.serial] == ["train victim digits"]
     assert plan.serial[0].seconds > 0
 
@@ -127,8 +117,8 @@ def test_recorded_runs_correct_the_projection(tmp_path, monkeypatch):
     assert corr.factors("random", "cifar10", "tiny_cnn") == {}  # never transferred to other work
     assert learned_factors("another").factors("random", "digits", "tiny_cnn") == {}  # one run is not enough
     spec = _spec()
-    plain = plan_sweep(spec, ClusterResources(2, 0, "x"), rates=FixedRates(), corrections=None)
-    fixed = plan_sweep(spec, ClusterResources(2, 0, "x"), rates=FixedRates(), corrections=corr)
+    plain = plan_sweep(spec, ClusterResources(2, 0, "x"), rates=fixed_rates(), corrections=None)
+    fixed = plan_sweep(spec, ClusterResources(2, 0, "x"), rates=fixed_rates(), corrections=corr)
     random_trial = lambda p: next(s for s in p.trials if s.factors["strategy"] == "random")  # noqa: E731
     kcenter = lambda p: next(s for s in p.trials if s.factors["strategy"] != "random")  # noqa: E731
     a, b = random_trial(plain), random_trial(fixed)
@@ -157,7 +147,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
 
 
 def test_format_plan_names_the_device_and_the_limit():
-    plan = plan_sweep(_spec(), ClusterResources(2, 0, "two CPUs"), rates=FixedRates())
+    plan = plan_sweep(_spec(), ClusterResources(2, 0, "two CPUs"), rates=fixed_rates())
     text = format_plan(plan, "cpu-small", limit_s=1.0)
     assert "(preset cpu-small)" in text and "test device" in text and "OVER: refused" in text
     assert set(FIXED_DEFAULTS) >= {"ray", "mlflow", "deploy_background", "report"}
@@ -169,8 +159,8 @@ def test_the_limit_is_on_wall_time_where_the_sweep_runs():
     from distributed_me.cost.guard import CostLimitError, check_limit
 
     spec = _spec(resources={"cpus_per_trial": 1, "max_concurrent_trials": None})
-    small = plan_sweep(spec, ClusterResources(2, 0, "two CPUs"), rates=FixedRates())
-    big = plan_sweep(spec, ClusterResources(32, 0, "a cluster"), rates=FixedRates())
+    small = plan_sweep(spec, ClusterResources(2, 0, "two CPUs"), rates=fixed_rates())
+    big = plan_sweep(spec, ClusterResources(32, 0, "a cluster"), rates=fixed_rates())
     assert big.concurrency == 16 and big.wall_s < small.wall_s
     limit = (big.wall_s + small.wall_s) / 2
     check_limit("sweep", big.wall_s, big.cluster.label, limit, None)

@@ -9,6 +9,7 @@ default, :data:`DEFAULT_LIMIT_HOURS`, lets an overnight job run and stops a week
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ..errors import DmeError
 from .work import human
@@ -37,12 +38,15 @@ def limit_seconds(max_hours: float | None = None) -> float:
     return max_hours * 3600.0
 
 
-def check_limit(what: str, projected_s: float, where: str, limit_s: float, alternative: str | None) -> None:
+def check_limit(what: str, projected_s: float, where: str, limit_s: float,
+                alternative: Callable[[], str | None] | None) -> None:
     """Raise :class:`CostLimitError` if ``projected_s`` exceeds ``limit_s``, with the projection, the smaller
-    alternative and the flag that goes on anyway."""
+    alternative and the flag that goes on anyway. ``alternative`` is called only then: pricing it is work (another
+    plan) that work within the limit must not pay."""
     if projected_s <= limit_s:
         return
-    alt = f" Smaller: {alternative}." if alternative else ""
+    text = alternative() if alternative is not None else None
+    alt = f" Smaller: {text}." if text else ""
     raise CostLimitError(
         f"{what} is projected to take {human(projected_s)} on {where}, over the limit of {human(limit_s)}; nothing "
         f"was started.{alt} To run it anyway: add {GO_ANYWAY} (or raise the limit: --max-hours H or {LIMIT_ENV}=H)")

@@ -19,6 +19,7 @@ at :data:`PROFILE_UTILIZATION` of the card's fp32 peak (:data:`GPU_PEAK_FLOPS`, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -220,7 +221,16 @@ class Rates:
         self.calibrate = calibrate and self.device.profile is None
         self.request_s = request_s
         self._cache = self._read()
+        self._derived: dict[str, NetRate] = {}  # figures from FLOPs (never measured): kept for this object only
         self.measured: list[str] = []  # nets measured by this object (a plan says so)
+
+    def shared(self, share: float, request_s: float | None = None) -> "Rates":
+        """The same figures (one cache, one list of measured nets) for work that gets ``share`` of the device, e.g.
+        a trial on half a GPU; ``request_s`` its API overhead if it differs."""
+        other = copy.copy(self)
+        other.share = share
+        other.request_s = self.request_s if request_s is None else request_s
+        return other
 
     @property
     def key(self) -> str:
@@ -272,13 +282,17 @@ class Rates:
     def net(self, net: Net) -> NetRate:
         key = f"{net.arch}|{net.img_size}|{net.in_chans}|{net.num_classes}"
         nets = self._cache.setdefault("nets", {})
+        if key in self._derived:
+            return self._derived[key]
         if key not in nets:
             if self.device.profile is not None:
-                return profile_net(net, GPU_PEAK_FLOPS[self.device.profile])
+                self._derived[key] = profile_net(net, GPU_PEAK_FLOPS[self.device.profile])
+                return self._derived[key]
             guess = self.matmul_flops_per_s * 0.5
             if not self.calibrate:
                 flops = forward_flops(net)
-                return NetRate(flops, 0.0, 3 * flops / guess, 0.0, flops / guess, 0.2, measured=False)
+                self._derived[key] = NetRate(flops, 0.0, 3 * flops / guess, 0.0, flops / guess, 0.2, measured=False)
+                return self._derived[key]
             log.info("measuring %s on %s (once; cached in %s)", net, self.device.label, self.path)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
             if load > 0.5 * (os.cpu_count() or 1):  # other work shares the cores: the figures come out too slow

@@ -61,7 +61,7 @@ class PlannedStep:
     kind: str  # victim | prepare | trial
     raw: Projection
     corrected: Projection
-    factors: dict = field(default_factory=dict)  # the trial's factors (trials only)
+    factors: dict = field(default_factory=dict)  # a trial's factors; a preparation's strategy and pool
     extra_s: float = 0.0  # harness per trial, not in the projection's phases
 
     @property
@@ -244,13 +244,12 @@ def plan_sweep(spec: SweepSpec, resources: ClusterResources, *, rates: Rates | N
             device = driver = Device.gpu_profile("t4")
     # a trial on a fraction of a GPU gets that fraction of its throughput (an assumption: a small model that cannot
     # fill the card loses less); the preparation steps run on the driver, priced with the whole device
+    share = r.gpu_fraction if gpus else 1.0
     if rates is None:
         rates = Rates(driver or device)
-        trial_rates = Rates(device, request_s=SERVE_REQUEST_S, share=r.gpu_fraction if gpus else 1.0)
+        trial_rates = Rates(device, request_s=SERVE_REQUEST_S, share=share)
     else:
-        trial_rates = Rates(rates.device, path=rates.path, calibrate=rates.calibrate, request_s=rates.request_s,
-                            share=r.gpu_fraction if gpus else 1.0)
-        trial_rates._cache = rates._cache
+        trial_rates = rates.shared(share)
     corrections = corrections if corrections is not None else learned_factors(trial_rates.key)
     notes: list[str] = []
     if device.profile:
@@ -277,7 +276,7 @@ def plan_sweep(spec: SweepSpec, resources: ClusterResources, *, rates: Rates | N
             raw = project(items, rates)
             corrected = raw  # preparation steps are not corrected yet (see cost/history.py)
             label = f"prepare {name} on {pool.name}" + ("" if items else " (cached)")
-            steps.append(PlannedStep(label, "prepare", raw, corrected))
+            steps.append(PlannedStep(label, "prepare", raw, corrected, {"strategy": name, "pool": pool_ref}))
     rows = spec.grid() if spec.search.kind == "grid" else _sampled(spec)
     varying = [k for k in COST_FACTORS + ("optimizer", "lr", "seed") if len({str(f[k]) for f in rows}) > 1]
     for f in rows:
@@ -299,7 +298,7 @@ def plan_sweep(spec: SweepSpec, resources: ClusterResources, *, rates: Rates | N
         notes.append(f"a trial asks for {r.cpus_per_trial:g} CPUs{f' and {r.gpu_fraction:g} GPU' if gpus else ''} "
                      f"but {resources.label} has fewer: no trial would ever start there (priced one at a time); "
                      f"lower resources.cpus_per_trial or use a bigger cluster")
-    for rr in {id(x): x for x in (rates, trial_rates)}.values():
+    for rr in {id(x.measured): x for x in (rates, trial_rates)}.values():  # a shared copy shares its list
         if rr.measured:
             notes.append(f"measured once on {rr.device.label} (cached): {', '.join(sorted(set(rr.measured)))}")
     if rates.device.profile and any(s.kind == "prepare" and s.seconds for s in steps):

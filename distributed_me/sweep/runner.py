@@ -105,7 +105,7 @@ def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = Tru
     that pool, so trials read the product instead of each recomputing it. Figures it records, and its wall time, go
     to the parent run as ``prepare.STRATEGY.NAME`` (``prepare.STRATEGY.POOL.NAME`` when the grid has several pools,
     POOL being the pool's name), with the plan's ``projected_seconds`` / ``projected_raw_seconds`` (``projected``:
-    the plan's preparation steps by name). Returns ``{pool: {strategy: products}}`` for the trials."""
+    the plan's preparation steps by (strategy, pool)). Returns ``{pool: {strategy: products}}`` for the trials."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -132,8 +132,7 @@ def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = Tru
             log.info("preparing strategy %s on pool %s", name, pool.name)
             products = cls(**spec.attack.strategy_options.get(name, {})).prepare(
                 pool, PrepareContext(progress=progress, record=record, map_pool=ray_map_pool(progress=progress)))
-            step = (projected or {}).get(f"prepare {name} on {pool.name}") or \
-                (projected or {}).get(f"prepare {name} on {pool.name} (cached)")
+            step = (projected or {}).get((name, pool_ref))
             plan_figures = {} if step is None else {"projected_seconds": step.corrected.total,
                                                     "projected_raw_seconds": step.raw.total}
             record({"seconds": time.perf_counter() - t0, **plan_figures}, {k: str(v) for k, v in products.items()})
@@ -274,7 +273,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                         f"({plan.concurrency} at a time; `dme sweep ... --dry-run` shows every step)")
         if cost_limit and not resume:
             check_limit(f"sweep {spec.name!r}", plan.wall_s, resources.label, limit_seconds(max_hours),
-                        smaller_preset(spec, preset, resources))
+                        lambda: smaller_preset(spec, preset, resources))
     with clock.phase("mlflow"):
         exp_id = ensure_experiment(spec.experiment)
         parent = tracking.find_parent(spec.experiment, spec.name) if resume else None
@@ -306,7 +305,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                         on_progress(f"{s.name}: {human(s.seconds)} projected, before any trial")
             # progress bars only on a terminal: in a log (a Ray job, a redirect) they are lines of carriage returns
             prepared = prepare_strategies(spec, parent, progress=on_progress is not None and sys.stderr.isatty(),
-                                          projected={s.name: s for s in steps})
+                                          projected={(s.factors["strategy"], s.factors["pool"]): s for s in steps})
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
