@@ -94,12 +94,19 @@ def test_unknown_strategy_option_names_the_options():
         QueryStrategy.create("random", {"bogus": 1})
 
 
+#: an API of each answer kind, for the registry-wide contract
+KIND_POLICY = {"probabilities": "probabilities", "topk": "topk:2", "label": "label"}
+
+
 # small options so every strategy runs its real loop (several rounds) on a tiny pool in seconds
-@pytest.mark.parametrize("name", ATTACKS.names())
-def test_every_registered_strategy_keeps_the_budget_contract(victim, evaluator, name):
-    """Over the whole registry: at most the budget, no sample twice, and exactly the selected pool samples are sent
-    (the images the oracle saw are the pool images at the indices the strategy reports, in order)."""
-    from distributed_me.attacks import PrepareContext, Timer, Workbench
+@pytest.mark.parametrize("name,kind", [(n, k) for n in ATTACKS.names() for k in KIND_POLICY
+                                       if k in ATTACKS.get(n).accepts])
+def test_every_registered_strategy_keeps_the_budget_contract(victim, evaluator, name, kind):
+    """Over the whole registry and every answer kind each strategy accepts: queries sent = answers paid =
+    ``len(queried)`` = the budget, never more (the key would allow 8 more); every pool query is the pool image at the
+    index the strategy reports, in order, no pool sample twice; every other query is marked GENERATED and is a valid
+    image; a pool-drawing strategy sends pool images only."""
+    from distributed_me.attacks import GENERATED, PrepareContext, Timer, Workbench
     from distributed_me.models import create_model
     from distributed_me.oracle import RecordingOracle
     from distributed_me.train import TrainConfig
@@ -107,21 +114,40 @@ def test_every_registered_strategy_keeps_the_budget_contract(victim, evaluator, 
     rng = np.random.default_rng(3)
     pool = ArrayPool(rng.integers(0, 256, (300, 16, 16, 1), dtype=np.uint8), name="noise",
                      labels=rng.integers(0, 5, 300))
-    oracle = RecordingOracle(LocalOracle(victim, "probabilities", budget=45))
-    strategy = QueryStrategy.create(name, ATTACKS.get(name).smoke_options)
+    oracle = RecordingOracle(LocalOracle(victim, KIND_POLICY[kind], budget=45))
+    klass = ATTACKS.get(name)
+    strategy = QueryStrategy.create(name, klass.smoke_options)
     # the whole lifecycle: check (cheap), prepare (when declared; in process here), extract with its products
     strategy.check(oracle, pool, 37)
     if strategy.prepares():
         products = strategy.prepare(pool, PrepareContext())
-        strategy = QueryStrategy.create(name, {**ATTACKS.get(name).smoke_options, **products})
+        strategy = QueryStrategy.create(name, {**klass.smoke_options, **products})
     assert oracle.queries_used == 0  # neither check nor prepare may query
     bench = Workbench(lambda: create_model("tiny_cnn", 10, in_chans=1, img_size=16), TrainConfig(epochs=1),
                       victim.input_shape, Timer(), seed=0)
     out = strategy.extract(oracle, pool, 37, bench)
-    assert oracle.queries_used == len(out.queried) <= 37
-    assert len(np.unique(out.queried)) == len(out.queried)
-    torch.testing.assert_close(oracle.images(), bench.load(pool, out.queried))
+    sent = oracle.images()
+    assert oracle.queries_used == len(out.queried) == len(sent) == 37
+    from_pool = out.queried >= 0
+    assert (out.queried[~from_pool] == GENERATED).all()
+    assert len(np.unique(out.queried[from_pool])) == from_pool.sum()
+    if from_pool.any():
+        torch.testing.assert_close(sent[torch.from_numpy(from_pool)], bench.load(pool, out.queried[from_pool]))
+    if klass.draws_from_pool:
+        assert from_pool.all(), f"{name} draws from the pool but reported generated queries"
+    assert sent.shape[1:] == victim.input_shape and 0 <= sent.min() and sent.max() <= 1
     assert bench.timer.seconds["selection"] > 0 and bench.timer.seconds["query"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if "label" not in ATTACKS.get(n).accepts])
+def test_strategies_that_need_scores_are_refused_by_a_label_only_api(victim, name):
+    """Refused at validation (``check``), before any query, with the kind it needs and the kind the API returns."""
+    klass = ATTACKS.get(name)
+    oracle = LocalOracle(victim, "label", budget=45)
+    pool = _pool(100)
+    with pytest.raises(DmeError, match=f"needs an API that returns {klass.accepts[0]}.*'label'"):
+        QueryStrategy.create(name, klass.smoke_options).check(oracle, pool, 20)
+    assert oracle.queries_used == 0 and pool.loaded == []
 
 
 def test_evaluator_counts_nothing_against_budget(victim):
@@ -152,12 +178,17 @@ def test_every_registered_strategy_checks_without_training(victim, name, monkeyp
                      labels=rng.integers(0, 5, 50))
     strategy = QueryStrategy.create(name, ATTACKS.get(name).smoke_options)
     strategy.check(LocalOracle(victim, "probabilities", budget=45), pool, 20)
-    with pytest.raises(DmeError, match="larger than the pool"):
+    if ATTACKS.get(name).draws_from_pool:
+        with pytest.raises(DmeError, match="larger than the pool"):
+            strategy.check(LocalOracle(victim, "probabilities"), pool, 51)
+    else:  # a strategy that makes its own queries is bounded by the key, not the pool
         strategy.check(LocalOracle(victim, "probabilities"), pool, 51)
+    with pytest.raises(DmeError, match="exceeds what the API key has left"):
+        strategy.check(LocalOracle(victim, "probabilities", budget=45), pool, 46)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ATTACKS.names())
+@pytest.mark.parametrize("name", [n for n in ATTACKS.names() if ATTACKS.get(n).learning_test_budget])
 def test_every_registered_strategy_learns_from_correctly_paired_answers(victim, name):
     """Over the whole registry, on the embedded default with an in-distribution pool (the digits the victim was not
     trained on are in its test split only; the pool is the labeled digits data, used unlabeled except as
@@ -186,8 +217,9 @@ def test_every_registered_strategy_learns_from_correctly_paired_answers(victim, 
     bench = RecordingBench(lambda: NormalizedModel(create_model("cnn32", 10, in_chans=c, img_size=size),
                                                    Normalization((0.5,), (0.5,))),
                            TrainConfig(epochs=8, batch_size=64), victim.input_shape, Timer(), seed=0)
-    oracle = LocalOracle(victim, "probabilities", budget=200)
-    out = strategy.extract(oracle, pool, 200, bench)
+    budget = ATTACKS.get(name).learning_test_budget
+    oracle = LocalOracle(victim, "probabilities", budget=budget)
+    out = strategy.extract(oracle, pool, budget, bench)
     truth = LocalOracle(victim, "probabilities")  # unmetered: what the victim says about the same images
     assert trained, f"{name} never trained a piracy model"
     for images, answer in trained:

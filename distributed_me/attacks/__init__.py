@@ -1,20 +1,26 @@
-"""Query strategies. Importing this package registers every built-in strategy in :data:`ATTACKS`."""
+"""Query strategies. Importing this package imports every module in it, and so registers every built-in strategy in
+:data:`ATTACKS`: adding a strategy is one file here (with ``@register_attack``) plus its test, and the registry-wide
+contract tests in ``tests/test_extraction.py`` pick it up by themselves."""
 
-from . import activethief as _activethief  # noqa: F401  (registers "activethief-*")
-from . import knockoff as _knockoff  # noqa: F401  (registers "knockoff")
-from . import random as _random  # noqa: F401  (registers "random")
-from . import swifttheft as _swifttheft  # noqa: F401  (registers "swifttheft")
+import importlib
+import pkgutil
+
 from .base import (
     ATTACKS,
+    GENERATED,
     PHASES,
     Extraction,
     Featurizer,
     PrepareContext,
+    QueryBook,
     QueryStrategy,
     Timer,
     Workbench,
     register_attack,
 )
 
-__all__ = ["ATTACKS", "PHASES", "Extraction", "Featurizer", "PrepareContext", "QueryStrategy", "Timer", "Workbench",
-           "register_attack"]
+__all__ = ["ATTACKS", "GENERATED", "PHASES", "Extraction", "Featurizer", "PrepareContext", "QueryBook", "QueryStrategy",
+           "Timer", "Workbench", "register_attack"]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -15,7 +15,14 @@ strategy by ``dme attack``, by a sweep and by a unit test:
    :class:`~distributed_me.data.Pool` and a :class:`Workbench` that trains the piracy model; never the victim.
 
 Timing is split into the phases of :data:`PHASES` for every strategy, so that strategies compare on cost as well as
-on fidelity.
+on fidelity. For a strategy that makes its own queries (Jacobian augmentation, adversarial examples, a generator),
+``selection`` is the *generation* time: the cost of a synthetic query is visible beside the time it waits for the API.
+
+Queries that are not pool images go through the same :class:`~distributed_me.oracle.Oracle` as any other, so through
+the same budget, the same validation (float NCHW in [0, 1] at the victim's input shape) and, behind Serve, the same
+query log. :class:`QueryBook` is how such a strategy pays: it cuts a batch at the end of the budget, so a budget that
+ends mid-batch ends the attack cleanly with every paid answer kept, and it records where each query came from
+(:data:`GENERATED` or a pool index) for :attr:`Extraction.queried`.
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ def register_attack(cls: type["QueryStrategy"]) -> type["QueryStrategy"]:
 #: features), ``selection`` (choosing or making queries), ``query`` (waiting for the API), ``train`` (the piracy
 #: model, interim substitutes included) and ``eval`` (the benchmark's scoring)
 PHASES: tuple[str, ...] = ("setup", "selection", "query", "train", "eval")
+
+#: the source of a query that is not a pool image as-is (synthetic, adversarial, generated), in
+#: :attr:`Extraction.queried`
+GENERATED = -1
 
 
 class Timer:
@@ -105,12 +116,15 @@ class Workbench:
             return query_in_batches(oracle, images, self.query_batch_size)
 
     def train(self, images: torch.Tensor, answer: Answer, fresh: bool = True, epochs: int | None = None,
-              interim: bool = False) -> nn.Module:
+              interim: bool = False, fit_fn: Callable[..., list[dict]] | None = None) -> nn.Module:
         """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels.
 
         ``interim=True`` marks an intermediate substitute of an iterative strategy (ActiveThief rounds, KnockoffNets'
         loss reward): it is not reported through ``on_epoch``, whose rows (Tune results, MLflow steps) describe the
-        final piracy model only, and does not replace ``history``."""
+        final piracy model only, and does not replace ``history``. ``fit_fn`` replaces the supervised trainer
+        (:func:`~distributed_me.train.fit`, whose signature it keeps) for a strategy that learns differently from
+        the same pairs, e.g. MixMatch with its unlabeled pool; the pairs still pass through here, so what the piracy
+        model is trained on stays auditable."""
         with self.timer.phase("train"):
             if fresh or self.model is None:
                 torch.manual_seed(self.seed)
@@ -118,8 +132,8 @@ class Workbench:
             soft = answer.soft_targets()
             targets = torch.from_numpy(soft) if soft is not None else torch.from_numpy(answer.labels)
             cfg = self.train_cfg if epochs is None else TrainConfig(**{**self.train_cfg.__dict__, "epochs": epochs})
-            history = fit(self.model, images, targets, cfg, on_epoch=None if interim else self.on_epoch,
-                          progress=self.progress and not interim, desc="piracy")
+            history = (fit_fn or fit)(self.model, images, targets, cfg, on_epoch=None if interim else self.on_epoch,
+                                      progress=self.progress and not interim, desc="piracy")
             if not interim:
                 self.history = history
             return self.model
@@ -127,11 +141,59 @@ class Workbench:
 
 @dataclass
 class Extraction:
-    """What a strategy returns: the trained piracy model and the pool indices it sent (for audits and tests)."""
+    """What a strategy returns: the trained piracy model and, per query in the order sent, its source: the pool
+    index of a pool image sent as-is, or :data:`GENERATED` for an image the strategy made (for audits and tests:
+    ``len(queried)`` is the number of queries paid)."""
 
     model: nn.Module
     queried: np.ndarray
     history: list[dict]
+
+
+class QueryBook:
+    """Pays for an attack's queries against its budget and keeps what came back.
+
+    :meth:`ask` sends at most what is left of ``budget`` (a batch that would overrun it is cut, and the cut rows are
+    never sent), returns the answer for the rows sent, and records each row's source (a pool index or
+    :data:`GENERATED`). With ``keep=True`` it also keeps every (image, answer) pair, for strategies that train on all
+    pairs so far; a streaming strategy (a generator's student) keeps none. Once :attr:`left` is 0 a strategy stops
+    asking and trains on what it has: the "budget ends mid-batch" case of a synthetic attack."""
+
+    def __init__(self, oracle: Oracle, budget: int, bench: Workbench, keep: bool = True) -> None:
+        self.oracle, self.budget, self.bench, self.keep = oracle, budget, bench, keep
+        self._sources: list[np.ndarray] = []
+        self._images: list[torch.Tensor] = []
+        self._answers: list[Answer] = []
+        self.used = 0
+
+    @property
+    def left(self) -> int:
+        return self.budget - self.used
+
+    def ask(self, images: torch.Tensor, sources: np.ndarray | None = None) -> Answer | None:
+        """Query ``images`` (float NCHW in [0, 1]) cut to the budget left; ``None`` when nothing is left."""
+        n = min(len(images), self.left)
+        if n <= 0:
+            return None
+        images = images[:n].detach().cpu()
+        answer = self.bench.query(self.oracle, images)
+        self.used += n
+        src = np.full(n, GENERATED, dtype=np.int64) if sources is None else np.asarray(sources[:n], dtype=np.int64)
+        self._sources.append(src)
+        if self.keep:
+            self._images.append(images)
+            self._answers.append(answer)
+        return answer
+
+    @property
+    def queried(self) -> np.ndarray:
+        return np.concatenate(self._sources) if self._sources else np.empty(0, dtype=np.int64)
+
+    def pairs(self) -> tuple[torch.Tensor, Answer]:
+        """Every kept (image, answer) pair so far, in query order."""
+        if not self._images:
+            raise DmeError("no query was answered: the budget is too small for this strategy's first batch")
+        return torch.cat(self._images), Answer.concat(self._answers)
 
 
 class Featurizer(Protocol):
@@ -181,6 +243,13 @@ class QueryStrategy(BaseModel):
     #: options that make the strategy's own heavy work fit a laptop CPU (what a ``cpu-small`` preset uses): the
     #: alternative a refused projection proposes (:mod:`distributed_me.cost.guard`)
     cpu_small_options: ClassVar[dict[str, Any]] = {}
+    #: whether every query is a distinct pool image (so the budget cannot exceed the pool). A strategy that makes its
+    #: own queries (synthetic, data-free) sets False: its budget is bounded by the API key only
+    draws_from_pool: ClassVar[bool] = True
+    #: the budget at which the registry-wide learning test (``tests/test_extraction.py``) expects the strategy, trained
+    #: through :meth:`Workbench.train`, to agree with the embedded victim at twice chance; ``None`` for a strategy
+    #: that trains a student by streaming (data-free generators), which its own test file checks instead
+    learning_test_budget: ClassVar[int | None] = 200
 
     @classmethod
     def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":
@@ -200,7 +269,7 @@ class QueryStrategy(BaseModel):
                            f"victim's output policy returns {oracle.info.returns!r}")
         if budget <= 0:
             raise DmeError(f"budget must be a positive number of queries, got {budget}")
-        if budget > len(pool):
+        if self.draws_from_pool and budget > len(pool):
             raise DmeError(f"budget {budget} is larger than the pool {pool.name!r} ({len(pool)} images); lower "
                            "--budget or use a larger pool")
         remaining = None if oracle.budget is None else oracle.budget - oracle.queries_used
