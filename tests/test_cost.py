@@ -65,7 +65,11 @@ def test_every_registered_strategy_prices_exactly_its_budget(name):
     items = strategy.cost(job)
     assert sum(w.samples for w in items if w.kind == "query") == 90
     final = [w for w in items if w.kind == "train" and w.what == "piracy model"]
-    assert len(final) == 1 and final[0].samples == 90 and final[0].passes == 3
+    if ATTACKS.get(name).learning_test_budget is not None:  # one final training on every answer
+        assert len(final) == 1 and final[0].samples == 90 and final[0].passes == 3
+    else:  # a student trained as the queries stream in (data-free): on the answers it trains on (DFME's and MAZE's
+        # gradient-estimate probes are paid but are not student batches), never more than were paid per model
+        assert final and 0 < max(w.samples for w in final) <= 90
     assert all(w.samples <= 90 for w in items if w.kind == "train" and w.phase == "train")
     assert all(w.samples >= 0 and w.passes >= 0 and w.flops >= 0 and w.seconds >= 0 for w in items)
     assert all(w.phase == "prepare" for w in strategy.prepare_cost(pool))

@@ -224,7 +224,8 @@ def test_every_registered_strategy_learns_from_correctly_paired_answers(victim, 
     assert trained, f"{name} never trained a piracy model"
     for images, answer in trained:
         expected = truth.query(images)
-        np.testing.assert_array_equal(answer.scores, expected.scores)
+        # equal up to float noise: the victim's scores move by ~1e-7 with how a batch is split into forward passes
+        np.testing.assert_allclose(answer.scores, expected.scores, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(answer.labels, expected.labels)
     fidelity = evaluator_for(victim).clean(out.model)["fidelity"]
     assert fidelity > 0.2, f"{name}: fidelity {fidelity:.3f} is not twice chance"

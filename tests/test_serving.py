@@ -18,6 +18,8 @@ from helpers import free_port, serve_env, wait_for
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
 BUDGET_KEY, BUDGET = "key-budget-50", 50
+#: strategies that make their own queries, run through HTTP against a key whose budget is exactly theirs
+SYNTHETIC, SYNTHETIC_BUDGET = ("jba", "adversarial-pgd", "dfme"), 41
 
 
 def _spec(log_dir: str) -> dict:
@@ -41,6 +43,8 @@ def _spec(log_dir: str) -> dict:
             {"key": "key-label-only", "budget": 100000, "victims": ["digits-label"]},
             {"key": "key-exhaust-1", "budget": 3},
             {"key": "key-query-log", "budget": None, "victims": ["digits-label"]},
+            *({"key": f"key-synthetic-{name}", "budget": SYNTHETIC_BUDGET, "victims": ["digits"]}
+              for name in SYNTHETIC),
         ],
     }
 
@@ -462,3 +466,39 @@ def test_a_key_added_at_run_time_survives_the_accounting_replica(service, http):
     assert usage["used"] == 30 and usage["remaining"] == 20
     assert _predict(http, "digits", _npy(_images(21, seed=78)), key=key).status_code == 429
     assert _predict(http, "digits", _npy(_images(20, seed=79)), key=key).status_code == 200
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_synthetic_queries_pass_the_same_api_budget_and_query_log(service, name):
+    """Queries a strategy makes (Jacobian augmentation, adversarial examples, a generator's images) go through HTTP
+    like any other: the key's budget is exactly the strategy's (41, which no batch size of theirs divides), so the
+    server would refuse one image more; the attack ends cleanly on the last paid answer; the server charged exactly
+    what the client counted; and the query log holds, request by request, the hash of exactly the images sent."""
+    import pandas as pd
+
+    from distributed_me.attacks import ATTACKS, GENERATED, QueryStrategy, Timer, Workbench
+    from distributed_me.data import load_pool
+    from distributed_me.http_oracle import HttpOracle
+    from distributed_me.models import create_model
+    from distributed_me.oracle import RecordingOracle, validate_batch
+    from distributed_me.serving.ledger import read_query_log
+    from distributed_me.serving.runtime import flush_query_log
+    from distributed_me.train import TrainConfig
+    from distributed_me.wire import input_hash
+
+    key = f"key-synthetic-{name}"
+    oracle = RecordingOracle(HttpOracle(f"{service['url']}/v1/victims/digits", key))
+    strategy = QueryStrategy.create(name, ATTACKS.get(name).smoke_options)
+    bench = Workbench(lambda: create_model("tiny_cnn", 10, in_chans=1, img_size=16), TrainConfig(epochs=1),
+                      (1, 16, 16), Timer(), seed=0, query_batch_size=16)
+    out = strategy.extract(oracle, load_pool("photos", n=300), SYNTHETIC_BUDGET, bench)
+    assert oracle.queries_used == len(out.queried) == SYNTHETIC_BUDGET
+    assert (out.queried == GENERATED).any()
+    http = httpx.get(f"{service['url']}/v1/victims/digits/usage", headers={"X-API-Key": key}, timeout=30).json()
+    assert http["used"] == SYNTHETIC_BUDGET and http["remaining"] == 0
+    flush_query_log()
+    log = read_query_log(service["log"]).to_pandas()
+    mine = log[log["key"] == _fp(service, key)].sort_values("time")
+    assert list(mine["input_hash"]) == [input_hash(validate_batch(b, (1, 16, 16))) for b in oracle.sent]
+    assert mine["count"].sum() == SYNTHETIC_BUDGET and set(mine["victim"]) == {"digits"}
+    assert (mine["time"] <= pd.Timestamp.now(tz="UTC")).all()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ..errors import DmeError
@@ -43,8 +44,12 @@ log = logging.getLogger(__name__)
 #: what the summary table groups by (means over seeds and the remaining factors): the factors people compare, each
 #: only if the sweep grid has it (``pool`` joins when :data:`FACTORS` has it)
 GROUP_BY = [c for c in ("victim", "policy", "pool", "strategy", "budget", "arch", "optimizer") if c in FACTORS]
+#: the time split of each attack: ``seconds_selection`` is choosing or *generating* its queries (Jacobian steps,
+#: adversarial examples, a generator and its gradient estimates), so what a synthetic query costs shows beside the time
+#: spent waiting for the API (``seconds_query``) and training the piracy model (``seconds_train``)
+TIME_SPLIT = ["seconds_selection", "seconds_query", "seconds_train", "seconds_total"]
 TABLE = [*GROUP_BY, "trials", "victim_utility", "victim_kl", "accuracy", "fidelity", "adversarial_fidelity",
-         "seconds_total"]
+         *TIME_SPLIT]
 #: where :func:`publish_report` puts the report in the parent run's artifacts
 ARTIFACT_DIR = "report"
 ROWS_FILE = "results.csv"
@@ -131,6 +136,8 @@ def _lines(df: pd.DataFrame, by: str, path: Path, title: str) -> Path:
         m = g.groupby("budget")["fidelity"].agg(["mean", "std", "count"]).reset_index()
         ax.errorbar(m["budget"], m["mean"], yerr=m["std"].fillna(0), marker="o", capsize=3, label=str(name))
     ax.set(xlabel="query budget", ylabel="fidelity (agreement with victim)", title=title, ylim=(0, 1))
+    if df["budget"].max() >= 20 * df["budget"].min():  # budgets over orders of magnitude (data-free attacks)
+        ax.set_xscale("log")
     ax.legend(title=by, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -167,6 +174,34 @@ def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _time_split(df: pd.DataFrame, path: Path) -> Path:
+    """Stacked bars of where each attack's time goes, per strategy and budget (means over trials): generating or
+    selecting queries, waiting for the API, training the piracy model, and the benchmark's scoring."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = {"seconds_selection": "selection / generation", "seconds_query": "query (API)",
+             "seconds_train": "train (piracy model)", "seconds_eval": "eval (benchmark)"}
+    cols = [c for c in parts if c in df]
+    m = df.groupby(["strategy", "budget"])[cols].mean().reset_index()
+    labels = [f"{r.strategy} @ {int(r.budget)}" for r in m.itertuples()]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(m) + 1.5))
+    left = np.zeros(len(m))
+    for c in cols:
+        ax.barh(labels, m[c].fillna(0), left=left, label=parts[c])
+        left += m[c].fillna(0).to_numpy()
+    ax.set(xlabel="seconds per trial (mean)", title="time split per attack")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Path], parity: ParityResult | None,
               parity_plot: Path | None, rows_file: str, plot_dir: str = "",
               projection: ProjectionReport | None = None) -> str:
@@ -195,6 +230,12 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
              _lines(df, "optimizer", out / "fidelity_vs_budget_by_optimizer.png", "fidelity vs budget, per optimizer"),
              _lines(df, "arch", out / "fidelity_vs_budget_by_arch.png", "fidelity vs budget, per piracy architecture"),
              _tradeoff(df, out / "policy_utility_vs_fidelity.png")]
+    if "victim" in df and df["victim"].nunique() > 1:  # one line per attack and victim (e.g. digits vs CIFAR-10)
+        plots.append(_lines(df.assign(victim_strategy=df["victim"].astype(str) + " · " + df["strategy"]),
+                            "victim_strategy", out / "fidelity_vs_budget_by_victim_and_attack.png",
+                            "fidelity vs budget, per victim and attack"))
+    if "seconds_selection" in df:
+        plots.append(_time_split(df, out / "time_split_per_attack.png"))
     if "pool" in df and df["pool"].nunique() > 1:  # the domain gap, and what each policy leaves the attacker per pool
         both = df.assign(pool_policy=df["pool"].astype(str).map(lambda p: Path(p).name) + " · " + df["policy"])
         plots.append(_lines(both, "pool_policy", out / "fidelity_vs_budget_by_pool_and_policy.png",
