@@ -24,7 +24,7 @@ from distributed_me.tracking import NOTE_TAG, ensure_experiment
 
 EXPERIMENT = "test-layout"
 PLOTS = {"fidelity_vs_budget_by_attack.png", "fidelity_vs_budget_by_optimizer.png", "fidelity_vs_budget_by_arch.png",
-         "policy_utility_vs_fidelity.png"}
+         "policy_utility_vs_fidelity.png", "time_split_per_attack.png"}
 
 
 def _metrics(i: int) -> dict[str, float]:
@@ -89,7 +89,7 @@ def test_the_parent_run_carries_the_report(store, tmp_path):
     assert "# Sweep `layout-report`" in md and "`results.csv`" in md
     assert all(f"(plots/{p})" in md for p in PLOTS)  # links resolve inside the artifact folder
     page = _download(c, parent, "report/report.html", tmp_path / "html").decode()
-    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and "layout test" in page
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page and "layout test" in page
 
     table = json.loads(_download(c, parent, "report/summary.json", tmp_path / "json"))
     assert "fidelity" in table["columns"] and len(table["data"]) == 4  # one per optimizer x budget (1 seed)

@@ -280,7 +280,7 @@ def test_report_without_a_paper_section_is_unchanged(tmp_path, monkeypatch):
     _store(tmp_path, monkeypatch, "no-paper", None, {"lion": [0.8, 0.8], "sgd": [0.7, 0.7]})
     report = write_report("no-paper", tmp_path / "report")
     assert report.parity is None and "Paper parity" not in report.table
-    assert not (tmp_path / "report" / "parity.csv").exists() and len(report.plots) == 4
+    assert not (tmp_path / "report" / "parity.csv").exists() and len(report.plots) == 5
     assert "Paper parity" not in report.markdown.read_text()
 
 

@@ -172,5 +172,5 @@ def test_a_report_without_projections_is_unchanged(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     _sweep("proj-old", projected=False)
     report = write_report("proj-old", tmp_path / "report")
-    assert report.projection is None and len(report.plots) == 4 and "Projection" not in report.table
+    assert report.projection is None and len(report.plots) == 5 and "Projection" not in report.table
     assert not (tmp_path / "report" / CSV).exists() and "Projection" not in report.markdown.read_text()
