@@ -121,7 +121,7 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert log["count"].to_numpy().sum() == 4 * 60
 
     report = write_report("e2e", sweep_env["dir"] / "report")
-    assert report.markdown.is_file() and len(report.plots) == 5 and all(p.stat().st_size > 0 for p in report.plots)
+    assert report.markdown.is_file() and len(report.plots) == 6 and all(p.stat().st_size > 0 for p in report.plots)
     assert "projection_vs_actual.png" in {p.name for p in report.plots}
     assert "sgd" in report.table and "label" in report.table
 
