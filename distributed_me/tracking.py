@@ -32,6 +32,20 @@ def tracking_uri() -> str:
     return f"sqlite:///{home.resolve() / 'mlflow.db'}"
 
 
+def use_store() -> str:
+    """Point this process's MLflow at the store (``tracking_uri()``), its model registry included, and return it.
+
+    MLflow's registry has a default of its own (``sqlite:///mlflow.db`` of the working directory) that a
+    ``tracking_uri=`` argument does not override for ``models:/`` URIs: a fresh process resolving a victim registered
+    by ``dme train-victim`` would look in (and create) ``./mlflow.db`` and not find it."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
 def _local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
@@ -51,8 +65,7 @@ def ensure_experiment(name: str, description: str | None = None) -> str:
     """
     import mlflow
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_store()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         if description and not exp.tags.get(NOTE_TAG):

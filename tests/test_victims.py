@@ -41,6 +41,32 @@ def test_register_and_resolve_by_name_uri_and_path(tiny_victim):
     assert int(second.rsplit("/", 1)[1]) == int(uri.rsplit("/", 1)[1]) + 1
 
 
+def test_a_name_registered_in_the_default_store_resolves_in_a_fresh_process_from_any_directory(tiny_victim, tmp_path,
+                                                                                                 monkeypatch):
+    """Without ``MLFLOW_TRACKING_URI`` the store is ``$DME_HOME/mlflow.db``. MLflow's model registry has its own
+    default (``./mlflow.db`` of the working directory): a fresh process (``dme sweep`` after ``dme train-victim``) that
+    resolves ``models:/NAME/1`` must look in the same store, and leave no stray ``mlflow.db`` where it runs."""
+    import subprocess
+    import sys
+
+    _, path = tiny_victim
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DME_HOME", str(tmp_path / "home"))
+    where = {}
+    for step, code in (("register", f"from distributed_me.victims import register_victim as r; "
+                                    f"print(r({str(path)!r}, 'digits-fresh'))"),
+                       ("resolve", "from distributed_me.victims import load_victim as l; "
+                                   "print(l('digits-fresh').meta.arch)")):
+        cwd = tmp_path / step
+        cwd.mkdir()
+        done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        where[step] = done.stdout.strip().splitlines()[-1]
+        assert not (cwd / "mlflow.db").exists(), f"{step} wrote a store in its working directory"
+    assert where == {"register": "models:/digits-fresh/1", "resolve": "tiny_cnn"}
+    assert (tmp_path / "home" / "mlflow.db").exists()
+
+
 def test_unknown_registered_name_is_a_clear_error():
     with pytest.raises(BundleError, match="no registered victim named 'never-trained'"):
         load_victim("never-trained")
@@ -72,3 +98,31 @@ def test_attack_run_is_logged_to_mlflow(tiny_victim):
     assert run.data.metrics["fidelity"] == pytest.approx(result.fidelity)
     assert run.data.metrics["queries_used"] == 64
     assert run.data.params["budget"] == "64" and run.data.tags["dme.attack"] == "random"
+
+
+def test_a_victim_trained_by_the_cli_on_a_relative_npz_finds_its_test_split_from_anywhere(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """``dme train-victim --dataset data/x_train.npz`` loads the files before training: the bundle must record where
+    they are (absolute), not the dataset's name, or a later sweep evaluates against a dataset it cannot find."""
+    import numpy as np
+
+    from distributed_me.cli import main
+    from distributed_me.victims import victim_test_split
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for split, n in (("train", 60), ("test", 20)):
+        np.savez_compressed(tmp_path / "data" / f"toy_{split}_{n}.npz",
+                            images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), labels=np.arange(n) % 3)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-victim", "--dataset", "data/toy_train_60.npz", "--arch", "tiny_cnn", "--epochs", "1",
+                 "--no-mlflow", "--out", "bundle", "--quiet"]) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    victim = load_bundle(tmp_path / "bundle")
+    assert victim.meta.dataset == str((tmp_path / "data" / "toy_train_60.npz").resolve())
+    x, y = victim_test_split(victim)
+    assert x.shape == (20, 3, 8, 8)
+    np.testing.assert_array_equal(y.numpy(), np.arange(20) % 3)

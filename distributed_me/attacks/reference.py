@@ -181,9 +181,9 @@ def _from_mlflow(key: str, dst: Path) -> Path | None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import tracking_uri
+    from ..tracking import use_store
 
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         return None

@@ -97,17 +97,24 @@ def load_dataset(
         for p in (train, test):
             if not p.is_file():
                 raise _missing_path(spec, p)
-        return load_npz_dataset(train, test, seed=seed, **kw)
+        return _from(load_npz_dataset(train, test, seed=seed, **kw), train, test)
     path = Path(spec).expanduser()
     if path.is_file():
-        return load_npz_dataset(path, seed=seed, **kw)
+        return _from(load_npz_dataset(path, seed=seed, **kw), path)
     if path.is_dir():
         if not (is_image_folder(path) or (path / "train").is_dir()):
             raise DataNotFound(f"{path} is not an image-folder dataset: expected {path}/<class>/*.jpg")
-        return load_image_folder(path, seed=seed, **kw)
+        return _from(load_image_folder(path, seed=seed, **kw), path)
     if _looks_like_path(spec):
         raise _missing_path(spec, path)
     raise unknown_spec("dataset", spec, DATASETS.names(), _DATASET_PATHS)
+
+
+def _from(ds: LabeledDataset, *paths: Path) -> LabeledDataset:
+    """Record in ``ds.meta["source"]`` the spec that loads ``ds`` again from any directory (absolute paths): a victim
+    trained on it stores that, not the dataset's name, so its test split can be found later."""
+    ds.meta["source"] = ",".join(str(p.resolve()) for p in paths)
+    return ds
 
 
 def open_npz_pool(path: str | Path, name: str | None = None) -> Pool:

@@ -91,16 +91,19 @@ def resolve_bundle_path(spec: str) -> Path:
         return path
     if "://" not in spec and ":/" not in spec and ("/" in spec or spec.endswith((".json", ".pt"))):
         raise BundleError(f"victim bundle {spec} does not exist")
-    uri = spec if ":/" in spec else f"models:/{spec}/{_latest_version(spec)}"
     import mlflow
 
+    from ..tracking import use_store
+
+    store = use_store()
+    uri = spec if ":/" in spec else f"models:/{spec}/{_latest_version(spec)}"
     dst = cache_dir() / "victims" / "mlflow" / uri.replace(":/", "_").replace("/", "_")
     if not any(dst.rglob(META_FILE)):
         dst.mkdir(parents=True, exist_ok=True)
         try:
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri())
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst), tracking_uri=store)
         except Exception as e:  # mlflow raises several exception types for a missing model
-            raise BundleError(f"cannot fetch victim {uri} from MLflow ({tracking_uri()}): {e}") from None
+            raise BundleError(f"cannot fetch victim {uri} from MLflow ({store}): {e}") from None
     found = sorted(dst.rglob(META_FILE))
     if not found:
         raise BundleError(f"MLflow model {uri} holds no dme victim bundle ({META_FILE} not found)")

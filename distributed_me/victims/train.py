@@ -76,13 +76,14 @@ def train_victim(
 
 
 def _dataset_ref(spec: str | LabeledDataset, ds: LabeledDataset) -> str:
-    """What to store so the evaluator can reload the same test split: an absolute path for files, else the name."""
+    """What to store so the evaluator can reload the same test split: an absolute path for files (also for a dataset
+    loaded from files before, which knows its source), else the name."""
     if isinstance(spec, str):
         parts = [Path(p) for p in spec.split(",")]
         if all(p.exists() for p in parts):
             return ",".join(str(p.resolve()) for p in parts)
         return spec
-    return ds.name
+    return str(ds.meta.get("source", ds.name))
 
 
 def victim_test_split(victim: Victim, root: str | None = None, download: bool = False,
