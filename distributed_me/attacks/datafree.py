@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,10 +43,20 @@ from torch import nn
 from ..answer import Answer
 from ..cost import work
 from ..cost.work import CostJob, Work
-from .base import Workbench
+from .base import QueryStrategy, Workbench
 
 #: smallest probability fed to log() for the recovered logits (log(1e-12) ≈ −27.6)
 PROB_FLOOR = 1e-12
+
+
+class DataFreeStrategy(QueryStrategy):
+    """What DFME, MAZE and DisGUIDE declare alike: they need the victim's probabilities (their gradient estimates and
+    losses use them), draw no query from the pool (a generator makes every one, so the budget is not bounded by the
+    pool), and train their student while they query (no separate final training a learning test could repeat)."""
+
+    accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
+    draws_from_pool: ClassVar[bool] = False
+    learning_test_budget: ClassVar[int | None] = None
 
 
 # ------------------------------------------------------------------------------------------------------- generator

@@ -47,8 +47,9 @@ from ..cost.work import CostJob, Work
 from ..data.base import Pool
 from ..device import get_device
 from ..oracle import Oracle
-from .base import Extraction, QueryBook, QueryStrategy, Workbench, register_attack
+from .base import Extraction, QueryBook, Workbench, register_attack
 from .datafree import (
+    DataFreeStrategy,
     Generator,
     Reporter,
     datafree_cost,
@@ -71,13 +72,10 @@ log = logging.getLogger(__name__)
 
 
 @register_attack
-class DFME(QueryStrategy):
+class DFME(DataFreeStrategy):
     """Data-free model extraction: a generator against the student, victim gradients by forward differences."""
 
     name: ClassVar[str] = "dfme"
-    accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
-    draws_from_pool: ClassVar[bool] = False
-    learning_test_budget: ClassVar[int | None] = None
     smoke_options: ClassVar[dict[str, Any]] = {"batch_size": 4, "nz": 16, "ngf": 8}
     cpu_small_options: ClassVar[dict[str, Any]] = {"batch_size": 64, "nz": 64, "ngf": 16}
 

@@ -48,9 +48,10 @@ from ..cost.work import CostJob, Work
 from ..data.base import Pool
 from ..device import get_device
 from ..oracle import Oracle
-from .base import Extraction, QueryBook, QueryStrategy, Workbench, register_attack
+from .base import Extraction, QueryBook, Workbench, register_attack
 from .datafree import (
     PROB_FLOOR,
+    DataFreeStrategy,
     Generator,
     ReplayBuffer,
     Reporter,
@@ -85,13 +86,10 @@ def disagreement_loss(student_logits: list[torch.Tensor], lambda_div: float) -> 
 
 
 @register_attack
-class DisGUIDE(QueryStrategy):
+class DisGUIDE(DataFreeStrategy):
     """Data-free extraction guided by the disagreement of two students: no victim gradient is estimated."""
 
     name: ClassVar[str] = "disguide"
-    accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
-    draws_from_pool: ClassVar[bool] = False
-    learning_test_budget: ClassVar[int | None] = None
     smoke_options: ClassVar[dict[str, Any]] = {"batch_size": 8, "nz": 16, "ngf": 8, "rep_iter": 1}
     cpu_small_options: ClassVar[dict[str, Any]] = {"batch_size": 64, "nz": 64, "ngf": 16, "replay_size": 20_000}
 

@@ -47,8 +47,9 @@ from ..cost.work import CostJob, Work
 from ..data.base import Pool
 from ..device import get_device
 from ..oracle import Oracle
-from .base import Extraction, QueryBook, QueryStrategy, Workbench, register_attack
+from .base import Extraction, QueryBook, Workbench, register_attack
 from .datafree import (
+    DataFreeStrategy,
     Generator,
     ReplayBuffer,
     Reporter,
@@ -71,13 +72,10 @@ log = logging.getLogger(__name__)
 
 
 @register_attack
-class MAZE(QueryStrategy):
+class MAZE(DataFreeStrategy):
     """Data-free model stealing with zeroth-order gradients of the KL disagreement and experience replay."""
 
     name: ClassVar[str] = "maze"
-    accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
-    draws_from_pool: ClassVar[bool] = False
-    learning_test_budget: ClassVar[int | None] = None
     smoke_options: ClassVar[dict[str, Any]] = {"batch_size": 4, "latent_dim": 16, "ngf": 8, "ndirs": 2,
                                                "iter_exp": 2}
     cpu_small_options: ClassVar[dict[str, Any]] = {"batch_size": 64, "latent_dim": 64, "ngf": 16,

@@ -50,8 +50,7 @@ from tqdm.auto import tqdm
 from ..device import get_device
 from .augment import random_crop_resize
 from .losses import soft_cross_entropy
-from .optimizers import create_optimizer
-from .trainer import EpochCallback, TrainConfig
+from .trainer import EpochCallback, TrainConfig, optimizer_and_schedule
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +210,9 @@ def mixmatch_fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(device)
-    opt = create_optimizer(cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    opt, sched = optimizer_and_schedule(model, cfg, len(images))
     steps_per_epoch = (len(images) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = max(1, cfg.epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cfg.cosine else None
     stream = _UnlabeledStream(unlabeled.size, rng) if unlabeled.size else None
     if stream is None:
         log.warning("MixMatch has no unlabeled images: training on mixup of the labeled set alone")

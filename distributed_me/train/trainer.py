@@ -38,6 +38,15 @@ class TrainConfig:
     cosine: bool = True
 
 
+def optimizer_and_schedule(model: nn.Module, cfg: TrainConfig, n_samples: int
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimizer of ``cfg`` and, with ``cfg.cosine``, a cosine schedule stepped once per batch over all epochs of
+    ``n_samples`` (every learner of a piracy model takes the same number of steps for the same answers)."""
+    opt = create_optimizer(cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, cfg.epochs * ((n_samples + cfg.batch_size - 1) // cfg.batch_size))
+    return opt, (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if cfg.cosine else None)
+
+
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -59,13 +68,7 @@ def fit(
     soft = targets.ndim == 2
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
-    opt = create_optimizer(cfg.optimizer, model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(images) + cfg.batch_size - 1) // cfg.batch_size
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
-        if cfg.cosine
-        else None
-    )
+    opt, sched = optimizer_and_schedule(model, cfg, len(images))
     loss_fn = soft_cross_entropy if soft else hard_cross_entropy
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
