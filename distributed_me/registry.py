@@ -8,9 +8,11 @@ valid ones, so CLI and spec validation get a useful message for free.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from .errors import UnknownNameError
+from pydantic import ValidationError
+
+from .errors import DmeError, UnknownNameError
 
 T = TypeVar("T")
 
@@ -51,3 +53,40 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _coerce(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_spec_item(text: str, registry: Registry[Any]) -> Any:
+    """One spec string of a registry of pydantic parameter models (output policies, detectors) → a validated instance.
+
+    ``"name"``, ``"name:value"`` (the first parameter), ``"name:field=value:other=value"``. An unknown name raises
+    :class:`UnknownNameError` listing the valid ones; a bad parameter a :class:`DmeError` naming the field, the value
+    and the parameters the entry takes."""
+    name, *args = [s.strip() for s in text.strip().split(":")]
+    cls = registry.get(name)
+    fields = list(cls.model_fields)
+    kwargs: dict[str, Any] = {}
+    for i, arg in enumerate(args):
+        if "=" in arg:
+            key, val = arg.split("=", 1)
+            kwargs[key.strip()] = _coerce(val.strip())
+        elif i < len(fields):
+            kwargs[fields[i]] = _coerce(arg)
+        else:
+            raise DmeError(f"{registry.kind} {name!r} takes {len(fields)} parameter(s) "
+                           f"({', '.join(fields) or 'none'}); got {text!r}")
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise DmeError(f"{registry.kind} {name!r}: field {field!r} = {err.get('input')!r}: {err['msg']} "
+                       f"(parameters: {', '.join(fields) or 'none'})") from None

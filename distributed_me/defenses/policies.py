@@ -17,11 +17,11 @@ import hashlib
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..answer import Answer, AnswerKind
 from ..errors import DmeError
-from ..registry import Registry
+from ..registry import Registry, parse_spec_item
 
 POLICIES: Registry[type["OutputPolicy"]] = Registry("output policy")
 
@@ -286,37 +286,9 @@ class PolicyChain:
         return self.formatter.format(scores.astype(np.float32), labels.astype(np.int64))
 
 
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
 def parse_one(text: str) -> OutputPolicy:
-    name, *args = [s.strip() for s in text.strip().split(":")]
-    cls = POLICIES.get(name)
-    fields = list(cls.model_fields)
-    kwargs: dict[str, Any] = {}
-    for i, arg in enumerate(args):
-        if "=" in arg:
-            key, val = arg.split("=", 1)
-            kwargs[key.strip()] = _coerce(val.strip())
-        elif i < len(fields):
-            kwargs[fields[i]] = _coerce(arg)
-        else:
-            raise DmeError(f"output policy {name!r} takes {len(fields)} parameter(s) ({', '.join(fields) or 'none'}); "
-                           f"got {text!r}")
-    try:
-        return cls(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        allowed = ", ".join(f"{k}" for k in fields) or "none"
-        raise DmeError(f"output policy {name!r}: field {field!r} = {err.get('input')!r}: {err['msg']} "
-                       f"(parameters: {allowed})") from None
+    """One output policy from its spec string (``"topk:3"``, ``"reverse_sigmoid:beta=1.0:gamma=0.1"``)."""
+    return parse_spec_item(text, POLICIES)
 
 
 def parse_policy(spec: "str | list[str] | PolicyChain | None", seed: int = 0) -> PolicyChain:

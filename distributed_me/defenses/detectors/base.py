@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from ...errors import DmeError
-from ...registry import Registry
+from ...registry import Registry, parse_spec_item
 
 log = logging.getLogger(__name__)
 
@@ -238,41 +238,13 @@ class Detector(BaseModel):
         return self.name + "".join(f":{k}={v}" for k, v in self.model_dump().items())
 
 
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
 def parse_detector(text: str | Detector) -> Detector:
     """``"prada"``, ``"prada:0.85"`` (the first parameter), ``"prada:delta=0.85:max_kept=500"`` → a validated
     detector. An unknown name raises :class:`~distributed_me.errors.UnknownNameError` listing the valid ones; a bad
     parameter a :class:`~distributed_me.errors.DmeError` naming the field, the value and the parameters."""
     if isinstance(text, Detector):
         return text
-    name, *args = [s.strip() for s in text.strip().split(":")]
-    cls = DETECTORS.get(name)
-    fields = list(cls.model_fields)
-    kwargs: dict[str, Any] = {}
-    for i, arg in enumerate(args):
-        if "=" in arg:
-            key, val = arg.split("=", 1)
-            kwargs[key.strip()] = _coerce(val.strip())
-        elif i < len(fields):
-            kwargs[fields[i]] = _coerce(arg)
-        else:
-            raise DmeError(f"detector {name!r} takes {len(fields)} parameter(s) ({', '.join(fields) or 'none'}); "
-                           f"got {text!r}")
-    try:
-        return cls(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise DmeError(f"detector {name!r}: field {field!r} = {err.get('input')!r}: {err['msg']} "
-                       f"(parameters: {', '.join(fields) or 'none'})") from None
+    return parse_spec_item(text, DETECTORS)
 
 
 def parse_detectors(spec: str | list[str | Detector] | None) -> list[Detector]:
