@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
-from .defenses import parse_policy
+from .defenses import parse_detector, parse_policy
 from .errors import DmeError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -28,11 +28,22 @@ def _policy(v: str) -> str:
     return v
 
 
+def _detector(v: str) -> str:
+    try:
+        parse_detector(v)
+    except DmeError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 """A name that can be part of a URL or a folder: victims, sweeps."""
 
 PolicySpec = Annotated[str, AfterValidator(_policy)]
 """An output-policy chain such as ``"round:2,topk:1"``, checked against the policy registry."""
+
+DetectorSpec = Annotated[str, AfterValidator(_detector)]
+"""A detector such as ``"prada:delta=0.9"``, checked against the detector registry."""
 
 
 def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, Any]:

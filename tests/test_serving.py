@@ -514,3 +514,84 @@ def test_synthetic_queries_pass_the_same_api_budget_and_query_log(service, name)
     assert list(mine["input_hash"]) == [input_hash(validate_batch(b, (1, 16, 16))) for b in oracle.sent]
     assert mine["count"].sum() == SYNTHETIC_BUDGET and set(mine["victim"]) == {"digits"}
     assert (mine["time"] <= pd.Timestamp.now(tz="UTC")).all()
+
+
+def _jba_like(seeds: np.ndarray, rounds: int, step: float = 0.1, seed: int = 0) -> list[np.ndarray]:
+    """Papernot-style synthetic queries: each round steps every previous query by ``step`` along a sign vector
+    (JBA's λ = 0.1), doubling the set, as a JBA attacker's requests look to the API."""
+    rng = np.random.default_rng(seed)
+    out, current = [seeds], seeds
+    for _ in range(rounds):
+        stepped = np.clip(current + step * np.sign(rng.normal(size=current.shape)), 0, 1).astype(np.float32)
+        out.append(stepped)
+        current = np.concatenate([current, stepped])
+    return out
+
+
+def test_detectors_block_a_synthetic_stream_spare_benign_keys_and_survive_their_replica(service, victim):
+    """PRADA on a hosted victim with action ``block``: benign keys sending the victim's own test images in random
+    order are never flagged; a JBA-like key is refused (403, nothing charged) once PRADA flags it, and stays refused
+    after the detector replica is killed and replaced, while the benign keys go on being answered."""
+    import ray
+    from ray import serve
+
+    from distributed_me.serving.ledger import key_fingerprint, ledger_secret
+    from distributed_me.serving.runtime import deploy
+    from distributed_me.victims import victim_test_split
+
+    folder = Path(service["log"]).parent / "querylog-watched"
+    keys = ("key-benign-1", "key-benign-2", "key-synthetic")
+    spec = {"query_log": str(folder), "detector_snapshot_every": 7,
+            "victims": [{"name": "watched", "source": "embedded", "num_cpus": 0.1,
+                         "detectors": [{"detector": "prada", "action": "block"}]}],
+            "clients": [{"key": k, "budget": None} for k in keys]}
+    port = int(service["url"].rsplit(":", 1)[1])
+    deploy(spec, app_name="watched", route_prefix="/w", port=port)
+    url = f"{service['url']}/w/v1/victims/watched"
+    try:
+        test_images = victim_test_split(victim)[0].numpy()
+        with httpx.Client(timeout=60) as c:
+            def send(key: str, x: np.ndarray) -> httpx.Response:
+                return c.post(f"{url}/predict", content=_npy(x),
+                              headers={"Content-Type": "application/x-npy", "X-API-Key": key})
+
+            benign = {k: np.random.default_rng(i).permutation(len(test_images))[:300] for i, k in enumerate(keys[:2])}
+            for k, order in benign.items():
+                for i in range(0, len(order), 20):
+                    assert send(k, test_images[order[i:i + 20]]).status_code == 200, k
+            sent, blocked_after = 0, None
+            for batch in _jba_like(test_images[:10], rounds=7):
+                r = send(keys[2], batch)
+                if r.status_code == 403:
+                    blocked_after = sent
+                    assert "PRADA" in r.json()["detail"] or "prada" in r.json()["detail"], r.text
+                    break
+                assert r.status_code == 200, r.text
+                sent += len(batch)
+            assert blocked_after is not None, f"PRADA never flagged the synthetic key over {sent} queries"
+            usage = c.get(f"{url}/usage", headers={"X-API-Key": keys[2]}).json()
+            assert usage["used"] == blocked_after  # the refused request was not charged
+
+            (old,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "watched#Watchman#" in a["name"]]
+            ray.kill(ray.get_actor(old["name"], namespace=old["namespace"]), no_restart=True)
+
+            def replaced():
+                names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                         if "watched#Watchman#" in a["name"]]
+                if not names or names == [old["name"]]:
+                    return None
+                r = send(keys[0], test_images[:5])
+                return r if r.status_code == 200 else None
+
+            wait_for(replaced, 120, "the detector replica to be replaced", every=0.25)
+            r = send(keys[2], test_images[:3])
+            assert r.status_code == 403 and "blocked" in r.json()["detail"], r.text
+            for k in keys[:2]:
+                assert send(k, test_images[300:320]).status_code == 200
+        watchman = serve.get_deployment_handle("Watchman", "watched")  # the detector's own view of the benign keys
+        secret = ledger_secret(folder)
+        for k in keys[:2]:
+            (v,) = watchman.verdicts.remote("watched", key_fingerprint(k, secret)).result()
+            assert not v["flagged"] and v["queries_seen"] == 300 + 5 * (k == keys[0]) + 20, v
+    finally:
+        serve.delete("watched")

@@ -1,12 +1,16 @@
 """The Ray Serve application: victims as an MLaaS-style API (``/v1/...``).
 
-Three deployments:
+Four deployments:
 
 - ``VictimReplica`` (one deployment per victim): loads the bundle, runs batched forward passes (``@serve.batch``,
   counting images, not requests) and applies the victim's output policy — the defense — before anything leaves it;
   autoscaled, on a GPU fraction when the cluster has GPUs, on CPUs otherwise;
 - ``Accountant`` (one replica): the :class:`~distributed_me.serving.ledger.Ledger` of keys, budgets and the query log,
   so a budget holds across all victim replicas;
+- ``Watchman`` (one replica, only when a victim has detectors): the per-key detector states
+  (:class:`~distributed_me.serving.watch.Watch`), journaled so they survive a restart; a key's status (ok, flag,
+  degrade, block) is read before its request is charged and every answered request is observed before its answer
+  leaves;
 - ``Ingress``: FastAPI routes (OpenAPI at ``/docs``, rendered without any CDN), and the order a hostile Internet
   needs: the key is checked before a byte of the body is read (unknown keys cost one cached lookup, never a read or a
   decode); the body is read in chunks against the size limit and a deadline, within a per-key concurrency limit;
@@ -43,6 +47,7 @@ from ..wire import WireError, decode_body, input_hash, validate_images
 from .docs_page import DOCS_PAGE
 from .ledger import Ledger
 from .spec import Client, ServeSpec, VictimService, parse_serve_spec
+from .watch import Watch, parse_rules
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,7 @@ class VictimReplica:
         source = bundle_path if bundle_path and Path(bundle_path).exists() else self.svc.source
         self.victim = load_victim(source)
         self.policy = parse_policy(self.svc.output_policy, seed=self.svc.policy_seed)
+        self.degraded = parse_policy(self.svc.degrade_policy, seed=self.svc.policy_seed)
         self.meta = OracleInfo(name=self.svc.name, class_names=list(self.victim.class_names),
                                input_shape=tuple(self.victim.input_shape), returns=self.policy.returns,
                                policy=self.policy.describe())
@@ -112,9 +118,12 @@ class VictimReplica:
         probs = self.victim.predict_probs(x).numpy()
         return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
 
-    async def predict(self, images: np.ndarray, stream: str = "") -> dict:
+    async def predict(self, images: np.ndarray, stream: str = "", degraded: bool = False,
+                      with_probs: bool = False) -> Any:
         """Float32 NCHW in [0, 1] (already validated by the ingress) → the defended answer as JSON. ``stream`` is the
         client's key fingerprint: randomized policies key their draws on it and on each image (``RowStreams``).
+        ``degraded``: answer with the ``degrade_policy`` (a key a detector flagged). ``with_probs``: also return the
+        undefended probabilities, ``(answer, probs)``, for the detectors (they stay inside the service).
 
         A request that finds the replica idle (nothing in flight, and nothing for at least ``IDLE_S``, so it is not
         the next of a queue) with one forward's worth of images runs at once: with no one to share a batch with,
@@ -134,7 +143,8 @@ class VictimReplica:
             self._active -= 1
             if not self._active:
                 self._idle_since = time.monotonic()
-        return self.policy(probs, queries=images, stream=stream).to_json()
+        body = (self.degraded if degraded else self.policy)(probs, queries=images, stream=stream).to_json()
+        return (body, probs) if with_probs else body
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -169,6 +179,32 @@ class Accountant:
     def __del__(self) -> None:
         try:
             self.ledger.close()
+        except Exception:
+            pass
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class Watchman:
+    """The single detector replica: every key's detector states (``<query_log>/detectors``), see :mod:`.watch`."""
+
+    def __init__(self, spec: dict):
+        s = ServeSpec.model_validate(spec)
+        rules = {v.name: parse_rules([r.model_dump() for r in v.detectors]) for v in s.victims if v.detectors}
+        self.watch = Watch(Path(s.query_log) / "detectors", rules, snapshot_every=s.detector_snapshot_every,
+                           max_keys_in_memory=s.detector_keys_in_memory)
+
+    def status(self, victim: str, fingerprint: str) -> dict:
+        return self.watch.status(victim, fingerprint).to_dict()
+
+    def observe(self, victim: str, fingerprint: str, images: np.ndarray, probs: np.ndarray) -> dict:
+        return self.watch.observe(victim, fingerprint, images, probs).to_dict()
+
+    def verdicts(self, victim: str, fingerprint: str) -> list[dict]:
+        return [v.__dict__ for v in self.watch.verdicts(victim, fingerprint)]
+
+    def __del__(self) -> None:
+        try:
+            self.watch.close()
         except Exception:
             pass
 
@@ -221,10 +257,13 @@ def _remember(cache: dict, key: Any, value: Any, limit: int = 10_000) -> None:
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, victims: dict[str, DeploymentHandle], accountant: DeploymentHandle, spec: dict):
+    def __init__(self, victims: dict[str, DeploymentHandle], accountant: DeploymentHandle, spec: dict,
+                 watchman: DeploymentHandle | None = None):
         self.spec = ServeSpec.model_validate(spec)
         self.victims = victims
         self.accountant = accountant
+        self.watchman = watchman
+        self._watched = {v.name for v in self.spec.victims if v.detectors} if watchman is not None else set()
         self._info: dict[str, dict] = {}
         self._authorized: dict[tuple[str, str], tuple[float, str]] = {}  # (key, victim) → (trusted until, fingerprint)
         self._refused: dict[tuple[str, str], float] = {}  # (key, victim) → until when charges go first (after a 429)
@@ -302,12 +341,25 @@ class Ingress:
             x = validate_images(images, tuple(meta["input_shape"]), self.spec.max_request_images)
         except WireError as e:
             return e.status, {"detail": e.detail}
+        watched = victim in self._watched
+        degraded = False
+        if watched:  # a blocked key is refused before it is charged; a degraded one gets the degrade policy
+            try:
+                key_status = await self.watchman.status.remote(victim, stream)
+            except Exception as e:
+                log.warning("detectors of %s failed a status check: %s", victim, e)
+                return 503, {"detail": f"detectors unavailable ({type(e).__name__}); nothing was charged: retry"}
+            if key_status["status"] == "block":
+                return 403, {"detail": f"this key is blocked from victim {victim!r} by a detector: "
+                                       f"{key_status['reason']}"}
+            degraded = key_status["status"] == "degrade"
         request_id = uuid.uuid4().hex
         # the forward runs while the charge is decided (one accounting round trip off the critical path); its answer
         # is returned only once the charge stands. A key refused recently is charged first, so a spent budget cannot
         # buy free forward passes
         refused_until = self._refused.get((key, victim), 0.0)
-        predict = self.victims[victim].predict.remote(x.numpy(), stream) if refused_until < time.monotonic() else None
+        forward = (x.numpy(), stream, degraded, watched)
+        predict = self.victims[victim].predict.remote(*forward) if refused_until < time.monotonic() else None
         charge = self.accountant.charge.remote(key, victim, len(x), input_hash(x), request_id)
         try:
             status, detail, _ = await charge
@@ -331,7 +383,7 @@ class Ingress:
         self._refused.pop((key, victim), None)
         try:
             if predict is None:
-                predict = self.victims[victim].predict.remote(x.numpy(), stream)
+                predict = self.victims[victim].predict.remote(*forward)
             body = await predict
         except asyncio.CancelledError:  # the client went away before its answer existed
             self._refund_later(request_id)
@@ -341,6 +393,17 @@ class Ingress:
             log.warning("victim %s failed a request: %s", victim, e)
             return 503, {"detail": f"victim {victim!r} could not answer ({type(e).__name__}); nothing was charged: "
                                    "retry"}
+        if watched:  # observed (journaled) before the answer leaves; a detector that fails takes the answer back
+            body, probs = body
+            try:
+                await self.watchman.observe.remote(victim, stream, forward[0], probs)
+            except asyncio.CancelledError:
+                self._refund_later(request_id)
+                raise
+            except Exception as e:
+                self._refund_later(request_id)
+                log.warning("detectors of %s failed to observe a request: %s", victim, e)
+                return 503, {"detail": f"detectors unavailable ({type(e).__name__}); nothing was charged: retry"}
         return 200, body
 
     async def victim_meta(self, victim: str) -> tuple[int, dict]:
@@ -436,4 +499,6 @@ def build_app(args: dict[str, Any]) -> Application:
             svc.model_dump(), str(victim_bundle_path(svc.source)))
     placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
     accountant = Accountant.options(**placed).bind(spec.model_dump())
-    return Ingress.options(**placed).bind(victims, accountant, spec.model_dump())
+    watchman = (Watchman.options(**placed).bind(spec.model_dump()) if any(v.detectors for v in spec.victims)
+                else None)
+    return Ingress.options(**placed).bind(victims, accountant, spec.model_dump(), watchman)

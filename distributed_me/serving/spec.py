@@ -10,12 +10,12 @@ No Ray import here: the spec is plain data, checked on the laptop that writes it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import DmeError, explain_validation_error
-from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
+from ..spec_types import DetectorSpec, PolicySpec, SafeName, read_yaml_mapping
 
 ALL_VICTIMS = "*"
 
@@ -39,6 +39,15 @@ class Autoscaling(BaseModel):
         return self
 
 
+class DetectorRule(BaseModel):
+    """A stateful per-key detector on one victim and what its flag does: ``flag`` (logged), ``degrade`` (the key's
+    later answers go through the victim's ``degrade_policy``) or ``block`` (its later requests get 403)."""
+
+    model_config = ConfigDict(extra="forbid")
+    detector: DetectorSpec = Field(description="e.g. 'prada', 'prada:delta=0.9', 'ood-rate:threshold=0.4'")
+    action: Literal["flag", "degrade", "block"] = "flag"
+
+
 class VictimService(BaseModel):
     """One hosted victim: its bundle, its output policy (the defense), batching and scaling."""
 
@@ -54,6 +63,9 @@ class VictimService(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1)
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica when the cluster has no GPU")
     gpu_fraction: float = Field(0.25, gt=0, le=1, description="GPU share per replica when the cluster has GPUs")
+    detectors: list[DetectorRule] = Field(default_factory=list, description="per-key detectors and their actions")
+    degrade_policy: PolicySpec = Field("label", description="the policy chain a key flagged by a 'degrade' rule "
+                                       "gets instead of output_policy")
 
     @model_validator(mode="after")
     def _scaling(self) -> "VictimService":
@@ -93,6 +105,10 @@ class ServeSpec(BaseModel):
     refund_window_s: float = Field(120.0, gt=0, description="how long after its charge an unanswered request can "
                                    "still be refunded (the ingress retries a refund for half of it)")
     log_flush_rows: int = Field(2048, ge=1, description="query-log rows buffered before a Parquet part is written")
+    detector_snapshot_every: int = Field(50, ge=1, description="requests of a key between snapshots of its detector "
+                                         "states (the journal in between is replayed after a restart)")
+    detector_keys_in_memory: int = Field(256, ge=1, description="keys whose detector states the watch holds in "
+                                         "memory at once (others are read back from disk on their next request)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources every deployment "
                                         "of the app asks for, e.g. {victims: 0.01} keeps the whole service (victims, "
                                         "accounting, ingress) on the nodes that declare a 'victims' resource")

@@ -41,7 +41,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
-from scipy import stats
 
 from ...errors import DmeError
 from .base import Detector, DetectorState, Ring, register_detector
@@ -116,6 +115,8 @@ class OodRate(Detector):
         ends = len(old) + 1 + np.arange(len(new))  # history[:end] is the stream up to each new query
         n = np.minimum(ends, self.window)
         k = csum[ends] - csum[ends - n]
+        from scipy import stats  # lazy: scipy.stats costs ~2 s of import, and every spec validation imports this
+
         tail = np.where(n >= self.min_queries, stats.binom.sf(k - 1, n, self.expected_rate), np.nan)
         first = state.queries_seen
         state.bits.push(new)

@@ -53,7 +53,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
-from scipy import stats
 
 from .base import Detector, DetectorState, Ring, register_detector
 
@@ -203,6 +202,8 @@ class Prada(Detector):
         if len(vals) <= self.min_distances or np.ptp(vals) == 0:
             state.score = math.nan
             return
+        from scipy import stats  # lazy: scipy.stats costs ~2 s of import, and every spec validation imports this
+
         with warnings.catch_warnings():  # scipy warns that the p-value is approximate above 5000: W is what we use
             warnings.simplefilter("ignore")
             w = float(stats.shapiro(vals).statistic)
