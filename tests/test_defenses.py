@@ -50,7 +50,7 @@ def test_bad_parameters_name_field_value_and_allowed():
         parse_policy("round:-1")
     with pytest.raises(DmeError, match=r"'k' = 0"):
         parse_policy("topk:k=0")
-    names = ".*label.*noise.*probabilities.*quantize.*reverse_sigmoid.*round.*topk"
+    names = ".*dp.*label.*noise.*probabilities.*quantize.*reverse_sigmoid.*round.*topk"
     with pytest.raises(UnknownNameError, match=f"valid output policy names: {names}"):
         parse_policy("bogus")
 
@@ -233,6 +233,24 @@ def test_reverse_sigmoid_can_flip_the_top_class_for_large_beta():
     np.testing.assert_array_equal(a.labels, [2])
     b = parse_policy("reverse_sigmoid:beta=20")(np.array([[0.6, 0.4]], dtype=np.float32))
     assert b.labels[0] == 1
+
+
+def test_dp_is_the_reverse_sigmoid_with_the_victims_top_class_kept_on_top():
+    """DP (AdvFT's baseline [15]) = the reverse sigmoid where it keeps the top class; where it would not, the two
+    scores swap. Hand case: beta=5 turns [0.6, 0.4, 0.0] into [0.274663, 0.225337, 0.5] (above), so DP answers
+    [0.5, 0.225337, 0.274663] with label 0."""
+    flipped = parse_policy("dp:beta=5")(np.array([[0.6, 0.4, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(flipped.scores, [[0.5, 0.225337, 0.274663]], atol=2e-6)
+    np.testing.assert_array_equal(flipped.labels, [0])
+    kept = parse_policy("dp:beta=0.5:gamma=0.2")(P)  # no flip here: exactly the reverse sigmoid
+    np.testing.assert_array_equal(kept.scores, parse_policy("reverse_sigmoid:beta=0.5:gamma=0.2")(P).scores)
+    rng = np.random.default_rng(0)
+    for beta, gamma in ((1.0, 0.1), (5.0, 0.1), (20.0, 0.5), (2.0, 0.05)):
+        y = rng.dirichlet(np.full(10, 0.3), size=200).astype(np.float32)
+        a = parse_policy(f"dp:beta={beta}:gamma={gamma}")(y)
+        np.testing.assert_array_equal(a.labels, y.argmax(axis=1))
+        np.testing.assert_array_equal(a.scores.argmax(axis=1), y.argmax(axis=1))
+        np.testing.assert_allclose(a.scores.sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_reverse_sigmoid_binary_single_column_follows_art():

@@ -383,7 +383,7 @@ def test_concurrent_batched_answers_go_back_to_their_own_client(service, victim)
 
 
 POLICIES_THROUGH_SERVE = {"topk": "topk:3", "round": "round:2", "quantize": "quantize:5", "noise": "noise:0.05",
-                          "rsig": "reverse_sigmoid", "chain": "round:2,topk:1"}
+                          "rsig": "reverse_sigmoid", "dp": "dp:beta=5", "chain": "round:2,topk:1"}
 
 
 def _as_a_replica(fn, *args):

@@ -210,6 +210,46 @@ class ReverseSigmoid(OutputPolicy):
         return out.astype(np.float32)
 
 
+@register_policy
+class DeceptivePerturbation(ReverseSigmoid):
+    """DP, deceptive perturbation (Lee et al., IEEE S&P Workshops 2019, the baseline [15] of AdvFT, paper 002 §2:
+    "it poisons the soft labels while keeping the top1 unaltered"): the reverse sigmoid above, with the top-1 kept.
+
+    Lee et al. present the perturbation as label-preserving, but its formula alone is not (for ``γ < 1`` it raises the
+    smallest scores faster than the top one, see :class:`ReverseSigmoid`), and neither the authors' reference
+    (tribhuvanesh/prediction-poisoning ``defenses/victim/bb_reversesigmoid.py``) nor ART enforces it. Our choice,
+    stated: where the perturbed row's top class is not the victim's, the two scores swap places, so the victim's class
+    is on top with the largest perturbed value and the row still sums to 1; where clipping ties several classes at the
+    top (large ``beta``), the victim's class is lifted 1e-6 above them and the row renormalized. The API's label is
+    always the victim's.
+
+    ``beta``, ``gamma``: as :class:`ReverseSigmoid` (ART's defaults 1.0 and 0.1; AdvFT gives no values, and the
+    authors' code default γ = 1 makes every answer uniform).
+    """
+
+    name: ClassVar[str] = "dp"
+    preserves_argmax: ClassVar[bool] = True
+
+    def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
+        out = super().transform(scores, rng)
+        if out.shape[1] < 2:
+            return out
+        top, new = np.asarray(scores).argmax(axis=1), out.argmax(axis=1)
+        rows = np.flatnonzero(top != new)
+        if len(rows):
+            a, b = out[rows, top[rows]].copy(), out[rows, new[rows]].copy()
+            out[rows, top[rows]], out[rows, new[rows]] = b, a
+        # clipping can tie several classes at the top (large beta): the victim's class is lifted by 1e-6 over them
+        idx = np.arange(len(out))
+        others = out.copy()
+        others[idx, top] = -np.inf
+        tied = np.flatnonzero(others.max(axis=1) >= out[idx, top])
+        if len(tied):
+            out[tied, top[tied]] = others[tied].max(axis=1) + np.float32(1e-6)
+            out[tied] /= out[tied].sum(axis=1, keepdims=True)
+        return out
+
+
 def _u64s(data: bytes, words: int) -> list[int]:
     digest = hashlib.blake2b(data, digest_size=8 * words).digest()
     return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") for i in range(words)]
