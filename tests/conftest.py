@@ -80,3 +80,13 @@ def sweep_env(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("DME_SWEEP_DIR", str(tmp_path / "sweeps"))
     return {"home": home, "uri": mlflow_server, "dir": tmp_path}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small nets on a shared 2-core machine: one intra-op thread avoids oversubscription (measured 10x slower under
+    load); restored after the test. Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -86,3 +86,17 @@ def fixed_rates(request_s: float = 0.0):
             return NetRate(1e6, 0.010, 0.001, 0.010, 0.0005, 0.1)
 
     return FixedRates()
+
+
+def jba_like(seeds, rounds: int, seed: int = 0, step: float = 0.1) -> list:
+    """Papernot's Jacobian augmentation as the API sees it: every round steps all previous queries by ``step``
+    (JBA's λ = 0.1) along a sign vector, doubling the set; one request per round."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, current = [seeds], seeds
+    for _ in range(rounds):
+        stepped = np.clip(current + step * np.sign(rng.normal(size=current.shape)), 0, 1).astype(np.float32)
+        out.append(stepped)
+        current = np.concatenate([current, stepped])
+    return out

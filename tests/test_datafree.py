@@ -29,6 +29,8 @@ from distributed_me.runner import evaluator_for
 from distributed_me.train import TrainConfig
 from distributed_me.victims import load_victim
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class SoftmaxVictim:
     """A differentiable toy victim: linear softmax over flattened images (the victim interface of LocalOracle)."""
@@ -44,16 +46,6 @@ class SoftmaxVictim:
 
     def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.probs(x).float()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small nets on a shared 2-core machine: one intra-op thread avoids oversubscription (measured 10x slower under
-    load); restored after each test."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import free_port, serve_env, wait_for
+from helpers import free_port, jba_like, serve_env, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.serve, pytest.mark.slow]
 
@@ -516,18 +516,6 @@ def test_synthetic_queries_pass_the_same_api_budget_and_query_log(service, name)
     assert (mine["time"] <= pd.Timestamp.now(tz="UTC")).all()
 
 
-def _jba_like(seeds: np.ndarray, rounds: int, step: float = 0.1, seed: int = 0) -> list[np.ndarray]:
-    """Papernot-style synthetic queries: each round steps every previous query by ``step`` along a sign vector
-    (JBA's λ = 0.1), doubling the set, as a JBA attacker's requests look to the API."""
-    rng = np.random.default_rng(seed)
-    out, current = [seeds], seeds
-    for _ in range(rounds):
-        stepped = np.clip(current + step * np.sign(rng.normal(size=current.shape)), 0, 1).astype(np.float32)
-        out.append(stepped)
-        current = np.concatenate([current, stepped])
-    return out
-
-
 def test_detectors_block_a_synthetic_stream_spare_benign_keys_and_survive_their_replica(service, victim):
     """PRADA on a hosted victim with action ``block``: benign keys sending the victim's own test images in random
     order are never flagged; a JBA-like key is refused (403, nothing charged) once PRADA flags it, and stays refused
@@ -560,7 +548,7 @@ def test_detectors_block_a_synthetic_stream_spare_benign_keys_and_survive_their_
                 for i in range(0, len(order), 20):
                     assert send(k, test_images[order[i:i + 20]]).status_code == 200, k
             sent, blocked_after = 0, None
-            for batch in _jba_like(test_images[:10], rounds=7):
+            for batch in jba_like(test_images[:10], rounds=7):
                 r = send(keys[2], batch)
                 if r.status_code == 403:
                     blocked_after = sent
