@@ -117,3 +117,17 @@ def test_a_request_that_cannot_be_folded_in_is_refused_before_it_reaches_the_jou
         watch.observe("v", "hmac:k", np.zeros((3, 1, 4, 4), np.float32), np.zeros((2, 3), np.float32))
     assert not list(tmp_path.rglob("journal/*.npz"))
     Watch(tmp_path, {"v": _rules()}).observe("v", "hmac:k", *_stream(3, 1)[0])  # the key still works
+
+
+@pytest.mark.parametrize("rule, words", [
+    ({"detector": "pradaa"}, ["'pradaa'", "valid detector names: ood-rate, prada"]),
+    ({"detector": "prada:delta=2"}, ["field 'delta' = 2", "less than or equal to 1"]),
+    ({"detector": "prada", "action": "kill"}, ["'kill'", "'flag', 'degrade' or 'block'"]),
+])
+def test_a_bad_detector_rule_is_refused_with_the_field_the_value_and_the_choices(rule, words):
+    from distributed_me.errors import DmeError
+    from distributed_me.serving.spec import parse_serve_spec
+
+    with pytest.raises(DmeError) as e:
+        parse_serve_spec({"victims": [{"name": "v", "detectors": [rule]}]})
+    assert "victims.0.detectors.0." in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
