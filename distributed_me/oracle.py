@@ -22,8 +22,9 @@ import torch
 
 from .answer import Answer, AnswerKind
 from .data.base import to_tensor
-from .defenses import PolicyChain, parse_policy
+from .defenses import PolicyChain, bind_kits, parse_policy
 from .errors import BudgetExhausted, DmeError
+from .train import probs_from_logits
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class LocalOracle:
         stream: str = "",
     ):
         self._victim = victim
-        self._policy = parse_policy(policy, seed=seed)
+        self._policy = bind_kits(parse_policy(policy, seed=seed), victim)  # a missing kit fails here, not mid-attack
         self._stream = stream  # the client's name in randomized policies' draws (Serve uses the key's fingerprint)
         self._meter = Meter(budget)
         self.info = OracleInfo(
@@ -154,8 +155,12 @@ class LocalOracle:
         x = validate_batch(images, self.info.input_shape)
         self._meter.reserve(len(x))
         try:
-            probs = self._victim.predict_probs(x).cpu().numpy()
-            return self._policy(probs, queries=x.numpy(), stream=self._stream)
+            if hasattr(self._victim, "predict_logits"):
+                logits = self._victim.predict_logits(x).cpu()
+                probs, raw = probs_from_logits(logits).numpy(), logits.numpy()
+            else:
+                probs, raw = self._victim.predict_probs(x).cpu().numpy(), None
+            return self._policy(probs, queries=x.numpy(), stream=self._stream, logits=raw)
         except BaseException:
             self._meter.release(len(x))
             raise

@@ -383,7 +383,9 @@ def test_concurrent_batched_answers_go_back_to_their_own_client(service, victim)
 
 
 POLICIES_THROUGH_SERVE = {"topk": "topk:3", "round": "round:2", "quantize": "quantize:5", "noise": "noise:0.05",
-                          "rsig": "reverse_sigmoid", "dp": "dp:beta=5", "chain": "round:2,topk:1"}
+                          "rsig": "reverse_sigmoid", "dp": "dp:beta=5", "chain": "round:2,topk:1",
+                          # the model-carrying defenses, each with its kit (built below)
+                          "mad": "mad", "mad-argmax": "mad-argmax:eps=0.8", "am": "am", "cip": "cip,topk:3"}
 
 
 def _as_a_replica(fn, *args):
@@ -403,15 +405,19 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
     key and image, so a repeated request gets the same answer on either replica, and another key another answer."""
     from ray import serve
 
+    from distributed_me.defenses import find_kit, train_kit
     from distributed_me.http_oracle import HttpOracle
     from distributed_me.oracle import LocalOracle
     from distributed_me.serving.ledger import key_fingerprint, ledger_secret
     from distributed_me.serving.runtime import deploy
 
+    for kit in ("mad", "am", "cip"):  # in the home the replicas read (the service's); AM's model 1 epoch
+        if find_kit(victim, kit) is None:
+            train_kit(victim, kit, epochs=1, track=False)
     seed, keys = 7, ("key-policies", "key-policies-2")
     folder = Path(service["log"]).parent / "querylog-policies"
     spec = {"query_log": str(folder),
-            "victims": [{"name": n, "source": "embedded", "output_policy": p, "policy_seed": seed, "num_cpus": 0.1,
+            "victims": [{"name": n, "source": "embedded", "output_policy": p, "policy_seed": seed, "num_cpus": 0.05,
                          "num_replicas": 2 if n == "noise" else 1} for n, p in POLICIES_THROUGH_SERVE.items()],
             "clients": [{"key": k, "budget": None} for k in keys]}
     port = int(service["url"].rsplit(":", 1)[1])

@@ -1,8 +1,11 @@
 """Defenses. Output policies (what an API reveals of its confidence scores) are a chain applied inside the victim's
 ``predict``, as ART's postprocessors are; detectors are stateful per API key (their state lives in the serving
-layer); MAD, adaptive misinformation and CIP are the math of the model-carrying output defenses."""
+layer). MAD, adaptive misinformation and CIP are output policies that carry their own models and calibration data,
+a *kit* per victim (``kits.py``, built by ``dme defense train``)."""
 
+from . import cip, mad, misinformation  # noqa: F401 - registers the model-carrying output policies and their kits
 from .detectors import DETECTORS, Detector, DetectorState, Verdict, parse_detector, parse_detectors
+from .kits import KITS, bind_kits, find_kit, load_kit, train_kit
 from .policies import (
     POLICIES,
     OutputPolicy,
@@ -10,5 +13,5 @@ from .policies import (
     parse_policy,
 )
 
-__all__ = ["DETECTORS", "POLICIES", "Detector", "DetectorState", "OutputPolicy", "PolicyChain", "Verdict",
-           "parse_detector", "parse_detectors", "parse_policy"]
+__all__ = ["DETECTORS", "KITS", "POLICIES", "Detector", "DetectorState", "OutputPolicy", "PolicyChain", "Verdict",
+           "bind_kits", "find_kit", "load_kit", "parse_detector", "parse_detectors", "parse_policy", "train_kit"]

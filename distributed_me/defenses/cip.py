@@ -43,9 +43,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from ..errors import DmeError
+from .kits import KitInputs, register_kit
+from .policies import OutputPolicy, PolicyContext, RowStreams, register_policy
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +223,55 @@ def cip_perturb(
     if backdoor.any():
         log.debug("CIP: %d ID answers turned into backdoor triggers", int(backdoor.sum()))
     return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------- CIP in the serving path
+@register_kit("cip")
+def build_cip_kit(inputs: KitInputs, out: Path) -> dict:
+    """CIP's kit: the victim's energy scores on its training split, sorted (``detection_test.py`` takes its thresholds
+    from the training set). Not carried over: the authors first fine-tune the victim with energy-based outlier
+    exposure; that is a new model (a victim version, the model-side defenses' issue), so CIP here scores the served
+    victim's own energies."""
+    energy = energy_score(inputs.victim.predict_logits(inputs.x_train).numpy())
+    np.save(out / "id_energy.npy", np.sort(energy))
+    t = calibrate_cip(energy)
+    test_energy = energy_score(inputs.victim.predict_logits(inputs.x_test).numpy())
+    regimes = cip_regimes(test_energy, t.e1, t.e2)
+    return {"calibration": "victim energies on the training split",
+            "metrics": {"e1": t.e1, "e2": t.e2, "test_uncertain_ood_rate": float((regimes == UNCERTAIN_OOD).mean()),
+                        "test_confident_ood_rate": float((regimes == CONFIDENT_OOD).mean())}}
+
+
+@register_policy
+class Cip(OutputPolicy):
+    """CIP (Zhang et al., IEEE TIFS 2023; see this module's doc) as an output policy: the victim's energy on each
+    query picks strong poisoning (confident OOD), weak poisoning (uncertain OOD) or the plain answer (ID), with E1 and
+    E2 the ``id_quantile`` and ``open_quantile`` of the kit's in-distribution energies. Needs the ``cip`` kit
+    (``dme defense train --defense cip``). Defaults: the authors' code (0.95, 0.999, 10 dB, β = 0.9, γ = 0.6). PBD
+    (backdoor answers to unreliable ID queries) is off: its trigger set must be recorded to be verified, which is
+    the watermarking issue's. Comes first in a chain (it reads the victim's logits)."""
+
+    name: ClassVar[str] = "cip"
+    preserves_argmax: ClassVar[bool] = False
+    needs_kit: ClassVar[str | None] = "cip"
+    id_quantile: float = Field(CIP_ID_QUANTILE, ge=0, le=1, description="E1: quantile of ID energies (FPR95)")
+    open_quantile: float = Field(CIP_OPEN_QUANTILE, ge=0, le=1, description="E2: quantile of ID energies")
+    snr_db: float = Field(CIP_SNR_DB, description="SNR of strong poisoning's noise, dB")
+    beta: float = Field(CIP_BETA, gt=0, lt=1, description="weak poisoning: reverse sigmoid magnitude")
+    gamma: float = Field(CIP_GAMMA, gt=0, description="weak poisoning: reverse sigmoid convergence")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Cip:
+        if self.id_quantile > self.open_quantile:
+            raise ValueError(f"id_quantile ({self.id_quantile}) must not exceed open_quantile ({self.open_quantile})")
+        return self
+
+    def apply(self, scores: np.ndarray, rng: RowStreams, ctx: PolicyContext) -> np.ndarray:
+        if ctx.logits is None:
+            raise DmeError(f"output policy {self.name!r} needs the victim's logits (the serving side passes them)")
+        if len(scores) == 0:
+            return scores
+        t = calibrate_cip(ctx.kits["cip"].array("id_energy"), id_quantile=self.id_quantile,
+                          open_quantile=self.open_quantile)
+        return cip_perturb(scores, energy_score(np.asarray(ctx.logits)), e1=t.e1, e2=t.e2, rng=rng,
+                           snr_db=self.snr_db, beta=self.beta, gamma=self.gamma)

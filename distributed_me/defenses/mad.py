@@ -52,11 +52,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
+
+from ..train import predict_probs
+from .kits import KitInputs, new_model_like, register_kit, save_model
+from .policies import OutputPolicy, PolicyContext, RowStreams, register_policy
 
 log = logging.getLogger(__name__)
 
@@ -274,3 +280,49 @@ def _jacobian_one(model: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> to
         logp = torch.log_softmax(model(x.unsqueeze(0)), dim=1)[0]
         rows = [torch.autograd.grad(logp[k], weight, retain_graph=True)[0] for k in range(logp.shape[0])]
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------- MAD in the serving path
+@register_kit("mad")
+def build_mad_kit(inputs: KitInputs, out: Path) -> dict:
+    """The surrogate: a randomly initialized model of the victim's architecture (authors' README: "essentially
+    randomly-initialized models exhibiting chance-level performance"), seeded, never trained."""
+    model = new_model_like(inputs.victim.meta, inputs.seed)
+    save_model(model, out / "surrogate.pt")
+    acc = float((predict_probs(model, inputs.x_test).argmax(1) == inputs.y_test).float().mean())
+    return {"surrogate": f"random init of {inputs.victim.meta.arch}", "metrics": {"surrogate_test_accuracy": acc}}
+
+
+@register_policy
+class Mad(OutputPolicy):
+    """MAD (prediction poisoning, Orekondy et al. ICLR 2020; see this module's doc) as an output policy: each answer
+    moves up to ``eps`` (in ``norm``) from the victim's towards the target that most turns the surrogate's gradient
+    (``objective``). Needs the ``mad`` kit (the surrogate): ``dme defense train --defense mad``. Defaults: the
+    authors' README (ε = 0.5, L1, angular). It should come first in a chain (it perturbs what it is given). The label
+    follows the perturbed scores; ``mad-argmax`` keeps the victim's."""
+
+    name: ClassVar[str] = "mad"
+    preserves_argmax: ClassVar[bool] = False
+    needs_kit: ClassVar[str | None] = "mad"
+    argmax_preserving: ClassVar[bool] = False
+    eps: float = Field(MAD_EPSILON, ge=0, le=2, description="utility budget ||ŷ − y|| per answer (L1 ≤ 2 on the "
+                                                            "simplex)")
+    norm: Norm = Field(MAD_NORM, description="distance of the budget: l1 or l2")
+    objective: Objective = Field(MAD_OBJECTIVE, description="angular (the paper's) or surrogate")
+
+    def apply(self, scores: np.ndarray, rng: RowStreams, ctx: PolicyContext) -> np.ndarray:
+        if len(scores) == 0:
+            return scores
+        G = surrogate_jacobian(ctx.kits["mad"].model("surrogate"), ctx.image_tensor(self.name))
+        return mad_perturb(scores, G, self.eps, norm=self.norm, argmax_preserving=self.argmax_preserving,
+                           objective=self.objective)
+
+
+@register_policy
+class MadArgmax(Mad):
+    """MAD-argmax: MAD restricted to answers that keep the victim's top-1 (the authors' ``oracle=argmax``), so a
+    label-only user sees no change; same kit and defaults as ``mad``."""
+
+    name: ClassVar[str] = "mad-argmax"
+    preserves_argmax: ClassVar[bool] = True
+    argmax_preserving: ClassVar[bool] = True

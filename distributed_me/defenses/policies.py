@@ -14,6 +14,8 @@ policy's first parameter, ``name:field=value`` any of them).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +28,25 @@ from ..registry import Registry, parse_spec_item
 POLICIES: Registry[type["OutputPolicy"]] = Registry("output policy")
 
 
+@dataclass
+class PolicyContext:
+    """What a transform may read besides the scores: the queried images (float NCHW in [0, 1]), the victim's logits
+    (``None`` where the caller has only probabilities) and the defense kits the chain was bound to, by name."""
+
+    images: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    kits: Mapping[str, Any] = field(default_factory=dict)
+
+    def image_tensor(self, policy: str) -> Any:
+        """The queried images as a float tensor, for a policy that runs a model on them (``policy`` names it in the
+        error when the caller gave none)."""
+        import torch
+
+        if self.images is None:
+            raise DmeError(f"output policy {policy!r} needs the queried images")
+        return torch.from_numpy(np.ascontiguousarray(self.images))
+
+
 class OutputPolicy(BaseModel):
     """Base class. Transforms override :meth:`transform`; formats set ``kind`` and override :meth:`format`."""
 
@@ -35,9 +56,16 @@ class OutputPolicy(BaseModel):
     is_format: ClassVar[bool] = False
     #: transforms that never change which class has the top score (rounding, quantization) keep the victim's label
     preserves_argmax: ClassVar[bool] = True
+    #: the defense kit (models, calibration data; ``defenses/kits.py``) this policy reads, ``None`` for none
+    needs_kit: ClassVar[str | None] = None
 
     def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         return scores
+
+    def apply(self, scores: np.ndarray, rng: RowStreams, ctx: PolicyContext) -> np.ndarray:
+        """What the chain calls: stateless transforms need only the scores; model-carrying defenses override this
+        to read the images, logits and their kit from ``ctx``."""
+        return self.transform(scores, rng)
 
     def format(self, scores: np.ndarray, labels: np.ndarray) -> Answer:
         raise NotImplementedError
@@ -290,6 +318,20 @@ class PolicyChain:
                 )
         self.transforms, self.formatter = policies[:-1], policies[-1]
         self.seed = seed
+        self.kits: dict[str, Any] = {}
+
+    def kits_needed(self) -> dict[str, str]:
+        """Kit name → the first policy of the chain that needs it."""
+        out: dict[str, str] = {}
+        for p in self.transforms:
+            if p.needs_kit:
+                out.setdefault(p.needs_kit, p.name)
+        return out
+
+    def bind(self, kits: Mapping[str, Any]) -> PolicyChain:
+        """Give the chain its defense kits (``defenses.kits.bind_kits`` loads them for a victim)."""
+        self.kits = dict(kits)
+        return self
 
     @property
     def policies(self) -> list[OutputPolicy]:
@@ -305,20 +347,27 @@ class PolicyChain:
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": p.name, **p.model_dump()} for p in self.policies]
 
-    def __call__(self, probs: np.ndarray, queries: np.ndarray | None = None, stream: str = "") -> Answer:
+    def __call__(self, probs: np.ndarray, queries: np.ndarray | None = None, stream: str = "",
+                 logits: np.ndarray | None = None) -> Answer:
         """Apply the chain to a batch of victim probabilities (N, C).
 
         ``queries`` are the N images the probabilities answer (what randomized transforms key each row's draws on;
-        without them, the probability rows themselves are the key) and ``stream`` names the client (the API key's
-        fingerprint behind Serve; ``""`` in process), see :class:`RowStreams`.
+        without them, the probability rows themselves are the key; model-carrying defenses run their models on
+        them) and ``stream`` names the client (the API key's fingerprint behind Serve; ``""`` in process), see
+        :class:`RowStreams`. ``logits``: the victim's logits, for defenses that score energies (CIP).
         """
         probs = np.asarray(probs, dtype=np.float32)
         if queries is not None and len(queries) != len(probs):
             raise ValueError(f"{len(queries)} queries for {len(probs)} answers")
+        missing = [k for k in self.kits_needed() if k not in self.kits]
+        if missing:
+            raise DmeError(f"output policy chain {self.spec()!r} needs the defense kits {missing} bound first "
+                           "(defenses.kits.bind_kits(chain, victim); the Serve deployment and LocalOracle do it)")
         rows = RowStreams(self.seed, stream, probs if queries is None else np.asarray(queries))
+        ctx = PolicyContext(None if queries is None else np.asarray(queries), logits, self.kits)
         scores = probs
         for t in self.transforms:
-            scores = t.transform(scores, rows)
+            scores = t.apply(scores, rows, ctx)
         if all(t.preserves_argmax for t in self.transforms):
             labels = probs.argmax(axis=1)
         else:

@@ -39,9 +39,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from ..defenses import parse_policy
+from ..defenses import bind_kits, find_kit, parse_policy
+from ..defenses.kits import missing_kit_error
+from ..errors import DmeError
 from ..http_oracle import API_KEY_HEADER, CONCURRENCY_DETAIL
 from ..oracle import OracleInfo
+from ..train import probs_from_logits
 from ..victims import load_victim, victim_bundle_path
 from ..wire import WireError, decode_body, input_hash, validate_images
 from .docs_page import DOCS_PAGE
@@ -98,8 +101,9 @@ class VictimReplica:
         self.svc = VictimService.model_validate(service)
         source = bundle_path if bundle_path and Path(bundle_path).exists() else self.svc.source
         self.victim = load_victim(source)
-        self.policy = parse_policy(self.svc.output_policy, seed=self.svc.policy_seed)
-        self.degraded = parse_policy(self.svc.degrade_policy, seed=self.svc.policy_seed)
+        # defense kits (MAD's surrogate, AM's model, CIP's energies) load here: a missing one fails the deployment
+        self.policy = bind_kits(parse_policy(self.svc.output_policy, seed=self.svc.policy_seed), self.victim)
+        self.degraded = bind_kits(parse_policy(self.svc.degrade_policy, seed=self.svc.policy_seed), self.victim)
         self.meta = OracleInfo(name=self.svc.name, class_names=list(self.victim.class_names),
                                input_shape=tuple(self.victim.input_shape), returns=self.policy.returns,
                                policy=self.policy.describe())
@@ -115,8 +119,8 @@ class VictimReplica:
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _forward(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         x = torch.from_numpy(np.concatenate(batches))
-        probs = self.victim.predict_probs(x).numpy()
-        return np.split(probs, np.cumsum([len(b) for b in batches])[:-1])
+        logits = self.victim.predict_logits(x).numpy()
+        return np.split(logits, np.cumsum([len(b) for b in batches])[:-1])
 
     async def predict(self, images: np.ndarray, stream: str = "", degraded: bool = False,
                       with_probs: bool = False) -> Any:
@@ -135,15 +139,17 @@ class VictimReplica:
         try:
             if self._active == 1 and now - self._idle_since >= self.IDLE_S and len(images) <= step:
                 x = images if images.flags.writeable else images.copy()
-                probs = self.victim.predict_probs(torch.from_numpy(x)).numpy()
+                logits = self.victim.predict_logits(torch.from_numpy(x)).numpy()
             else:
                 chunks = [images[i : i + step] for i in range(0, len(images), step)]
-                probs = np.concatenate(await asyncio.gather(*(self._forward(c) for c in chunks)))
+                logits = np.concatenate(await asyncio.gather(*(self._forward(c) for c in chunks)))
         finally:
             self._active -= 1
             if not self._active:
                 self._idle_since = time.monotonic()
-        body = (self.degraded if degraded else self.policy)(probs, queries=images, stream=stream).to_json()
+        probs = probs_from_logits(torch.from_numpy(logits)).numpy()
+        chain = self.degraded if degraded else self.policy
+        body = chain(probs, queries=images, stream=stream, logits=logits).to_json()
         return (body, probs) if with_probs else body
 
 
@@ -485,6 +491,18 @@ class Ingress:
         return HTMLResponse(DOCS_PAGE)
 
 
+def check_kits(svc: VictimService, bundle: str) -> None:
+    """A victim whose output (or degrade) policy needs defense kits that do not exist for it is refused before
+    anything deploys, with the command that builds them (a replica would otherwise fail to start, retried by Serve)."""
+    needed = {**parse_policy(svc.output_policy).kits_needed(), **parse_policy(svc.degrade_policy).kits_needed()}
+    if not needed:
+        return
+    victim = load_victim(bundle)
+    for kit, policy in needed.items():
+        if find_kit(victim, kit) is None:
+            raise DmeError(f"victims[{svc.name!r}]: {missing_kit_error(victim, kit, policy)}")
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """Application builder (``import_path: distributed_me.serving.app:build_app``): validate, then bind."""
     spec = parse_serve_spec(args)
@@ -495,8 +513,10 @@ def build_app(args: dict[str, Any]) -> Application:
     for svc in spec.victims:
         # resolved where the app is built (trains the embedded victim if needed); a replica on a node where that
         # folder does not exist resolves the source itself
+        bundle = str(victim_bundle_path(svc.source))
+        check_kits(svc, bundle)
         victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus, spec.resources)).bind(
-            svc.model_dump(), str(victim_bundle_path(svc.source)))
+            svc.model_dump(), bundle)
     placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
     accountant = Accountant.options(**placed).bind(spec.model_dump())
     watchman = (Watchman.options(**placed).bind(spec.model_dump()) if any(v.detectors for v in spec.victims)

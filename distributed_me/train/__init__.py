@@ -3,7 +3,7 @@ augmentation."""
 
 from .losses import hard_cross_entropy, soft_cross_entropy
 from .optimizers import OPTIMIZERS, OptimInfo, create_optimizer
-from .trainer import TrainConfig, fit, predict_labels, predict_probs
+from .trainer import TrainConfig, fit, predict_labels, predict_logits, predict_probs, probs_from_logits
 
 __all__ = [
     "OPTIMIZERS",
@@ -13,6 +13,8 @@ __all__ = [
     "fit",
     "hard_cross_entropy",
     "predict_labels",
+    "predict_logits",
     "predict_probs",
+    "probs_from_logits",
     "soft_cross_entropy",
 ]

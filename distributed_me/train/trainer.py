@@ -55,11 +55,13 @@ def fit(
     on_epoch: EpochCallback | None = None,
     progress: bool = False,
     desc: str = "train",
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``images`` (float NCHW in [0, 1]) and ``targets``.
 
     ``targets`` of shape (N, C) are soft labels (paper 004 eq. 2); of shape (N,) integer class labels (cross-entropy).
     ``on_epoch(epoch, metrics)`` is called after every epoch, e.g. to report to Tune or to evaluate fidelity.
+    ``loss_fn(logits, targets)`` replaces the cross-entropy (e.g. AM's misinformation loss).
     Returns the per-epoch history.
     """
     if len(images) == 0:
@@ -69,7 +71,7 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     model.to(device)
     opt, sched = optimizer_and_schedule(model, cfg, len(images))
-    loss_fn = soft_cross_entropy if soft else hard_cross_entropy
+    loss_fn = loss_fn or (soft_cross_entropy if soft else hard_cross_entropy)
     history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     for epoch in bar:
@@ -107,13 +109,24 @@ def fit(
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Softmax outputs of ``model`` on float NCHW images, in batches, on the chosen device; returned on the CPU."""
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` on float NCHW images, in batches, on the chosen device; returned on the CPU."""
     device = get_device()
     model.eval().to(device)
-    outs = [torch.softmax(model(images[i : i + batch_size].to(device)), dim=1).cpu()
-            for i in range(0, len(images), batch_size)]
+    outs = [model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def probs_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The one softmax every answer goes through (in process and behind Serve alike, so answers are bitwise equal)."""
+    return torch.softmax(logits, dim=1)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Softmax outputs of ``model`` on float NCHW images, in batches; returned on the CPU."""
+    logits = predict_logits(model, images, batch_size)
+    return probs_from_logits(logits) if len(logits) else logits
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

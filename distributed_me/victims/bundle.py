@@ -60,6 +60,13 @@ class Victim:
         return (self.meta.in_chans, self.meta.img_size, self.meta.img_size)
 
     @torch.no_grad()
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw logits: for the serving side's defenses that score energies (CIP); never sent to a client."""
+        from ..train import predict_logits
+
+        return predict_logits(self.model, x)
+
+    @torch.no_grad()
     def predict_probs(self, x: torch.Tensor) -> torch.Tensor:
         from ..train import predict_probs
 
