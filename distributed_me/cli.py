@@ -108,6 +108,30 @@ def cmd_train_victim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defense_train(args: argparse.Namespace) -> int:
+    from .defenses import KITS, POLICIES, train_kit
+    from .runner import evaluator_for
+    from .victims import load_victim
+
+    KITS.get(args.defense)
+    victim = load_victim(args.victim, progress=not args.quiet)
+    kit = train_kit(victim, args.defense, source=args.victim, seed=args.seed, epochs=args.epochs,
+                    progress=not args.quiet, track=not args.no_mlflow)
+    rows = [("victim", f"{victim.meta.name} ({args.victim})"), ("kit", str(kit.path)),
+            *((k, f"{v:.4f}") for k, v in kit.meta.get("metrics", {}).items()),
+            ("built in", f"{kit.meta['build_seconds']:.1f}s")]
+    users = [n for n in POLICIES.names() if POLICIES.get(n).needs_kit == args.defense]
+    evaluator = evaluator_for(victim, args.data_root, args.download)
+    for policy in users:  # what each output policy on this kit costs the defender, with its default parameters
+        cost = evaluator.defense_cost(policy)
+        assert cost is not None
+        rows.append((f"{policy}: utility / agreement", f"{cost.utility:.4f} / {cost.agreement:.4f}  (victim "
+                                                       f"accuracy {evaluator.victim_accuracy:.4f})"))
+        rows.append((f"{policy}: KL_test / KL_train", f"{cost.kl_test:.4f} / {cost.kl_train:.4f} nats"))
+    print(_table(rows, f"defense {args.defense}"))
+    return 0
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -431,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     _cost_args(tv)
     tv.add_argument("-q", "--quiet", action="store_true")
     tv.set_defaults(func=cmd_train_victim)
+
+    de = command("defense", help="defenses that carry their own models: train them for a victim")
+    des = de.add_subparsers(dest="defense_command", required=True)
+    dt = des.add_parser("train", parents=[common], formatter_class=HelpFormatter,
+                        help="train a defense's models for a victim (MAD's surrogate, AM's misinformation model, "
+                             "CIP's energy thresholds) and store them beside the victim, in MLflow too")
+    dt.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
+                                                         "(default: the embedded digits victim)")
+    dt.add_argument("--defense", required=True, help=f"the defense kit to build: {names('defense kits')}")
+    dt.add_argument("--epochs", type=int, help="epochs of a kit's trained model (default: the defense's own)")
+    dt.add_argument("--seed", type=int, default=0)
+    _data_args(dt)
+    dt.add_argument("--no-mlflow", action="store_true", help="keep the kit on disk only")
+    dt.add_argument("-q", "--quiet", action="store_true")
+    dt.set_defaults(func=cmd_defense_train)
 
     at = command("attack", help="run one extraction in process and print the result")
     at.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .attacks import ATTACKS
 from .data import DATASETS, POOLS
-from .defenses import POLICIES
+from .defenses import DETECTORS, KITS, POLICIES
 from .models import MODELS
 from .registry import Registry
 from .train import OPTIMIZERS
@@ -24,6 +24,8 @@ REGISTRIES: dict[str, Registry] = {
     "architectures": MODELS,
     "optimizers": OPTIMIZERS,
     "output policies": POLICIES,
+    "defense kits": KITS,
+    "detectors": DETECTORS,
     "datasets": DATASETS,
     "pools": POOLS,
 }

@@ -95,6 +95,7 @@ def test_bad_input_is_one_clear_error(capsys, argv, needle):
     (["sweep", "sweeps/quickstart.yaml", "--set", "attack.optimizer=rmsprop", "--dry-run"],
      "sweep field 'attack.optimizer' = 'rmsprop': unknown optimizer 'rmsprop'; valid: adam, adamw, lion, sgd"),
     (["sweep", "--resume", "x", "sweeps/quickstart.yaml"], "not both"),
+    (["defense", "train", "--defense", "nope"], "unknown defense kit 'nope'; valid defense kit names: am, cip, mad"),
 ])
 def test_every_command_says_what_was_wrong_in_one_error_line(capsys, monkeypatch, tmp_path, argv, needle):
     """Every command's user mistakes: exit status 2 and exactly one line, ``error: `` + what was wrong + the valid
@@ -185,16 +186,30 @@ def test_dme_serve_stops_cleanly_on_sigterm(tmp_path):
     assert list(log.glob("part-*.parquet")) and read_query_log(log)["count"].to_pylist() == [5]
 
 
+def test_defense_train_builds_the_kit_and_prints_the_defenders_cost(capsys):
+    """`dme defense train` on the embedded victim: the kit lands where LocalOracle finds it, and both policies on the
+    MAD kit are priced (utility, agreement, KL_test, KL_train) against the victim's accuracy."""
+    from distributed_me.defenses import find_kit
+    from distributed_me.victims import load_victim
+
+    code, out, _ = run(capsys, "defense", "train", "--defense", "mad", "--no-mlflow", "-q")
+    assert code == 0
+    assert find_kit(load_victim(None), "mad") is not None
+    for needle in ("surrogate_test_accuracy", "mad: utility / agreement", "mad-argmax: KL_test / KL_train",
+                   "(victim accuracy 0.9"):
+        assert needle in out, out
+
+
 # ------------------------------------------------------------------ --help lists the registered names
 def _registries() -> dict:
     from distributed_me.attacks import ATTACKS
     from distributed_me.data import DATASETS, POOLS
-    from distributed_me.defenses import POLICIES
+    from distributed_me.defenses import KITS, POLICIES
     from distributed_me.models import MODELS
     from distributed_me.train import OPTIMIZERS
 
     return {"strategies": ATTACKS, "architectures": MODELS, "optimizers": OPTIMIZERS, "policies": POLICIES,
-            "datasets": DATASETS, "pools": POOLS}
+            "datasets": DATASETS, "pools": POOLS, "kits": KITS}
 
 
 #: which registries' names each command's --help must list, every one of them
@@ -205,6 +220,7 @@ HELP_LISTS = {
     ("serve",): ("policies",),
     ("pool", "build"): ("datasets", "pools"),
     ("pool", "features"): ("datasets", "pools"),
+    ("defense", "train"): ("kits",),
 }
 
 
