@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .answer import Answer
 from .attacks import ATTACKS, PHASES, QueryStrategy, Timer, Workbench
 from .data.base import Normalization, Pool
-from .defenses import parse_policy
 from .metrics import accuracy, adversarial_fidelity, fidelity
 from .models import MODELS, NormalizedModel, create_model
 from .oracle import Oracle
@@ -33,11 +33,16 @@ from .train import OPTIMIZERS, TrainConfig, predict_labels
 
 log = logging.getLogger(__name__)
 
-#: the metric names of one extraction run, in the order tables show them. ``victim_utility`` and ``victim_kl`` are
-#: the defender's side: top-1 accuracy of the labels the API returns under its output policy, and how far its answers
-#: are from the victim's own posterior (:meth:`Evaluator.defense_cost`), on the victim's test split.
-SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "victim_kl", "accuracy", "fidelity",
-                                "adversarial_fidelity", "queries_used")
+#: the metric names of one extraction run, in the order tables show them. ``victim_utility``, ``victim_agreement``,
+#: ``victim_kl`` and ``victim_kl_train`` are the defender's side (:meth:`Evaluator.defense_cost`): top-1 accuracy of
+#: the labels the API returns under its output policy, how often they agree with the undefended victim's, and how far
+#: its answers are from the victim's own posterior on the test split (AdvFT's KL_test) and on training images
+#: (KL_train).
+SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "victim_agreement", "victim_kl",
+                                "victim_kl_train", "accuracy", "fidelity", "adversarial_fidelity", "queries_used")
+#: training images the defender's KL_train is measured on (a fixed prefix of the split: model-carrying defenses run
+#: a model per image, and the mean settles well before 2,000)
+KL_TRAIN_IMAGES = 2000
 
 #: the floor under an answer's scores before the KL: a label-only or top-k answer gives zeros, and the floor turns
 #: them into "the answer withheld this mass" (at most ln(1/KL_FLOOR) ≈ 13.8 nats per query) instead of infinity
@@ -102,18 +107,47 @@ class AttackSpec(BaseModel):
         return QueryStrategy.create(self.strategy, self.strategy_options)
 
 
+#: answers a batch of images under an output policy, in process, as the API would: (victim probabilities, answer)
+PolicyAnswers = Callable[[str, torch.Tensor], tuple[np.ndarray, Answer]]
+
+
+@dataclass
+class DefenseCost:
+    """What an output policy costs the defender (AdvFT §3's utility and KL; :meth:`Evaluator.defense_cost`)."""
+
+    utility: float  # top-1 accuracy of the API's labels on the test split
+    agreement: float  # fraction of test images whose API label is the undefended victim's
+    kl_test: float  # mean KL(victim posterior ‖ answer) on the test split, nats
+    kl_train: float | None  # the same on training images (None when the evaluator has none)
+
+
+def answer_kl(probs: np.ndarray, answer: Answer) -> float:
+    """Mean KL(victim posterior ‖ answer), the answer's scores floored at :data:`KL_FLOOR` and renormalized (a
+    label-only answer is a one-hot: its KL measures the information withheld)."""
+    p = np.maximum(np.asarray(probs, dtype=np.float64), 1e-12)
+    if answer.scores is not None:
+        q = np.asarray(answer.scores, dtype=np.float64)
+    else:
+        q = np.eye(p.shape[1])[np.asarray(answer.labels)]
+    q = np.maximum(q, KL_FLOOR)
+    q /= q.sum(axis=1, keepdims=True)
+    return max(float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))), 0.0)
+
+
 @dataclass
 class Evaluator:
     """The benchmark's judge: the victim's unmetered top-1 and its labeled test split (never given to attacks).
 
-    With ``victim_probs`` it also judges the defender's side: :meth:`utility` of an output policy."""
+    With ``policy_answers`` (how the API answers under a policy, in process) it also judges the defender's side,
+    :meth:`defense_cost`; ``train_images`` add KL_train."""
 
     victim_labels: Callable[[torch.Tensor], torch.Tensor]
     images: torch.Tensor
     labels: torch.Tensor
     victim_pred: torch.Tensor | None = None
-    victim_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
-    _cost: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+    policy_answers: PolicyAnswers | None = None
+    train_images: torch.Tensor | None = None
+    _cost: dict[str, DefenseCost] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.victim_pred is None:
@@ -121,30 +155,29 @@ class Evaluator:
 
     def utility(self, policy: str) -> float | None:
         """Top-1 accuracy of the labels the API returns under ``policy`` on the test split; ``None`` without
-        ``victim_probs``."""
+        ``policy_answers``."""
         cost = self.defense_cost(policy)
-        return None if cost is None else cost[0]
+        return None if cost is None else cost.utility
 
-    def defense_cost(self, policy: str) -> tuple[float, float] | None:
-        """What ``policy`` costs the defender on the test split, cached per policy: (utility, KL) with utility the
-        top-1 accuracy of the labels the API returns and KL the mean KL(victim posterior ‖ answer), the answer's
-        scores floored at :data:`KL_FLOOR` and renormalized (a label-only answer is a one-hot: its KL measures the
-        information withheld). ``None`` without ``victim_probs``. Seeded policies (noise) use seed 0 and the empty
-        client stream, as :class:`~distributed_me.oracle.LocalOracle` does by default."""
-        if self.victim_probs is None:
+    def know_cost(self, policy: str, cost: DefenseCost) -> None:
+        """Take ``policy``'s cost as measured elsewhere (a sweep measures it once, in the driver)."""
+        self._cost[policy] = cost
+
+    def defense_cost(self, policy: str) -> DefenseCost | None:
+        """What ``policy`` costs the defender, cached per policy (``None`` without ``policy_answers``). Seeded and
+        model-carrying policies answer as :class:`~distributed_me.oracle.LocalOracle` does by default: seed 0, the
+        empty client stream, the victim's defense kits."""
+        if self.policy_answers is None:
             return None
         if policy not in self._cost:
-            probs = self.victim_probs(self.images).numpy().astype(np.float64)
-            answer = parse_policy(policy, seed=0)(probs.astype(np.float32))
-            if answer.scores is not None:
-                q = np.asarray(answer.scores, dtype=np.float64)
-            else:
-                q = np.eye(probs.shape[1])[np.asarray(answer.labels)]
-            q = np.maximum(q, KL_FLOOR)
-            q /= q.sum(axis=1, keepdims=True)
-            p = np.maximum(probs, 1e-12)
-            kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
-            self._cost[policy] = (accuracy(np.asarray(answer.labels), self.labels.numpy()), max(kl, 0.0))
+            probs, answer = self.policy_answers(policy, self.images)
+            labels = np.asarray(answer.labels)
+            kl_train = None
+            if self.train_images is not None and len(self.train_images):
+                kl_train = answer_kl(*self.policy_answers(policy, self.train_images[:KL_TRAIN_IMAGES]))
+            self._cost[policy] = DefenseCost(utility=accuracy(labels, self.labels.numpy()),
+                                             agreement=float(np.mean(labels == self.victim_pred.numpy())),
+                                             kl_test=answer_kl(probs, answer), kl_train=kl_train)
         return self._cost[policy]
 
     @property
@@ -176,13 +209,18 @@ class ExtractionResult:
     budget: int
     seconds: dict[str, float]
     victim_utility: float | None = None
+    victim_agreement: float | None = None
     victim_kl: float | None = None
+    victim_kl_train: float | None = None
     history: list[dict] = field(default_factory=list)
     spec: dict = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the piracy model
     #: the cost model's projection of this run, ``projected_seconds_*`` / ``projected_raw_seconds_*`` per phase and
     #: total (:func:`distributed_me.cost.plan.projection_metrics`), beside the actual ``seconds_*``
     projected: dict[str, float] = field(default_factory=dict)
+    #: what the API's per-key detectors concluded about the attacker's key, ``detection.DETECTOR.flagged`` (0/1) and
+    #: ``detection.DETECTOR.queries`` (queries until the flag), when the victim was watched (a sweep's ``detectors``)
+    detection: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """The run's metrics under :data:`METRIC_NAMES` (a name whose value is unknown, e.g. the utility of a remote
@@ -191,7 +229,8 @@ class ExtractionResult:
         values.update({f"seconds_{k}": v for k, v in self.seconds.items()})
         out = {k: float(values[k]) for k in METRIC_NAMES if values.get(k) is not None
                and not (isinstance(values[k], float) and math.isnan(values[k]))}
-        return {**out, **{k: float(v) for k, v in self.projected.items()}}
+        return {**out, **{k: float(v) for k, v in self.projected.items()},
+                **{k: float(v) for k, v in self.detection.items()}}
 
     def to_dict(self) -> dict:
         """The JSON form (``dme attack --json``): the metrics, the budget, the spec and the per-epoch history."""
@@ -248,13 +287,15 @@ def run_extraction(
     result = strategy.extract(oracle, pool, spec.budget, bench)  # its own check again is cheap by contract
     with timer.phase("eval"):
         scores = evaluator.full(result.model, seed=spec.seed, adv_samples=spec.adv_eval_samples)
-        utility, kl = (evaluator.defense_cost(policy) or (None, None)) if policy else (None, None)
+        cost = evaluator.defense_cost(policy) if policy else None
     timer.seconds["train"] -= epoch_eval.seconds["eval"]  # counted in eval, not twice
     seconds = {**timer.seconds, "total": time.perf_counter() - t_start}
     return ExtractionResult(
         victim_accuracy=evaluator.victim_accuracy,
-        victim_utility=utility,
-        victim_kl=kl,
+        victim_utility=None if cost is None else cost.utility,
+        victim_agreement=None if cost is None else cost.agreement,
+        victim_kl=None if cost is None else cost.kl_test,
+        victim_kl_train=None if cost is None else cost.kl_train,
         queries_used=oracle.queries_used - used_before,
         budget=spec.budget,
         seconds=seconds,

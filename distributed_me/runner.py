@@ -6,18 +6,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
+import torch
+
+from .answer import Answer
 from .cost.guard import ANNOUNCE_S, check_limit, limit_seconds
 from .cost.history import DEVICE_TAG, learned_factors
 from .cost.plan import cost_job, describe, extraction_work, project, projection_metrics, smaller_attack
 from .cost.rates import SERVE_REQUEST_S, Device, Rates
 from .cost.work import Net, Projection, human
-from .data import load_pool
+from .data import load_dataset, load_pool
 from .data.base import Pool
 from .errors import DmeError
-from .extraction import AttackSpec, Evaluator, ExtractionResult, run_extraction
+from .extraction import KL_TRAIN_IMAGES, AttackSpec, Evaluator, ExtractionResult, PolicyAnswers, run_extraction
 from .http_oracle import HttpOracle
-from .oracle import LocalOracle
+from .oracle import LocalOracle, query_in_batches
 from .victims import Victim, load_victim, victim_test_split
+from .victims.train import dataset_tensors
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +41,25 @@ def remote_oracle(url: str, api_key: str | None, judge: Victim):
     return oracle
 
 
+def policy_answers(victim: Victim) -> PolicyAnswers:
+    """How the API answers ``images`` under an output policy, in process (:class:`LocalOracle`: seed 0, the empty
+    client stream, the victim's defense kits), with the victim's own probabilities beside the answer."""
+
+    def answer(policy: str, images: torch.Tensor) -> tuple[np.ndarray, Answer]:
+        oracle = LocalOracle(victim, policy)
+        return victim.predict_probs(images).numpy(), query_in_batches(oracle, images)
+
+    return answer
+
+
 def evaluator_for(victim: Victim, data_root: str | None = None, download: bool = False) -> Evaluator:
-    x, y = victim_test_split(victim, root=data_root, download=download)
-    return Evaluator(victim.predict_labels, x, y, victim_probs=victim.predict_probs)
+    """The judge of a victim: its test split, and its training split for the defender's KL_train."""
+    ds = load_dataset(victim.meta.dataset, root=data_root, download=download, seed=victim.meta.split_seed)
+    x, y = victim_test_split(victim, dataset=ds)
+    c, s, _ = victim.input_shape
+    x_train, _ = dataset_tensors(ds, "train", s, c)
+    return Evaluator(victim.predict_labels, x, y, policy_answers=policy_answers(victim),
+                     train_images=x_train[:KL_TRAIN_IMAGES])
 
 
 def log_extraction_run(result: ExtractionResult, params: dict, experiment: str, run_name: str,

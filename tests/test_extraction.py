@@ -232,21 +232,31 @@ def test_every_registered_strategy_learns_from_correctly_paired_answers(victim, 
 
 
 def test_defense_cost_is_utility_and_kl_from_the_victims_posterior():
-    """The defender's side, worked out by hand on three test images: full probabilities cost nothing; a label-only
-    answer keeps top-1 but withholds the rest of the posterior (KL against a one-hot floored at KL_FLOOR)."""
+    """The defender's side, worked out by hand on three test images (and the first two as "training" images for
+    KL_train): full probabilities cost nothing; a label-only answer keeps top-1 but withholds the rest of the
+    posterior (KL against a one-hot floored at KL_FLOOR)."""
+    from distributed_me.defenses import parse_policy
     from distributed_me.extraction import KL_FLOOR, Evaluator
 
     p = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4]])
+
+    def answers(policy: str, images: torch.Tensor):
+        probs = p[: len(images)].numpy()
+        return probs, parse_policy(policy)(probs, queries=images.numpy())
+
     ev = Evaluator(victim_labels=lambda x: p.argmax(1), images=torch.zeros(3, 1, 2, 2),
-                   labels=torch.tensor([0, 1, 2]), victim_probs=lambda x: p)
-    utility, kl = ev.defense_cost("probabilities")
-    assert utility == pytest.approx(2 / 3) and kl == pytest.approx(0.0, abs=1e-6)
-    utility, kl = ev.defense_cost("label")
+                   labels=torch.tensor([0, 1, 2]), policy_answers=answers, train_images=torch.zeros(2, 1, 2, 2))
+    plain = ev.defense_cost("probabilities")
+    assert plain.utility == pytest.approx(2 / 3) and plain.kl_test == pytest.approx(0.0, abs=1e-6)
+    assert plain.agreement == 1.0 and plain.kl_train == pytest.approx(0.0, abs=1e-6)
+    label = ev.defense_cost("label")
     q = np.full((3, 3), KL_FLOOR)
     q[np.arange(3), [0, 1, 0]] = 1.0
     q /= q.sum(1, keepdims=True)
-    expected = float(np.mean(np.sum(p.numpy() * np.log(p.numpy() / q), axis=1)))
-    assert utility == pytest.approx(2 / 3) and kl == pytest.approx(expected, rel=1e-5) and kl > 1.0
-    _, kl_rs = ev.defense_cost("reverse_sigmoid")
-    assert 0 < kl_rs < kl  # a perturbation, less than withholding everything
+    per_row = np.sum(p.numpy() * np.log(p.numpy() / q), axis=1)
+    utility, kl = label.utility, label.kl_test
+    assert utility == pytest.approx(2 / 3) and kl == pytest.approx(float(per_row.mean()), rel=1e-5) and kl > 1.0
+    assert label.kl_train == pytest.approx(float(per_row[:2].mean()), rel=1e-5) and label.agreement == 1.0
+    rs = ev.defense_cost("reverse_sigmoid:beta=10")  # strong enough to move the top class: labels [2, 0, 1]
+    assert 0 < rs.kl_test and rs.agreement == 0.0 and rs.utility == 0.0
     assert ev.utility("label") == utility

@@ -416,3 +416,46 @@ def test_a_plugin_strategy_with_a_preparation_step_runs_in_a_sweep(sweep_env, tm
     given = {t.data.params["pool"]: json.loads(t.data.params["strategy_options"])["features"]
              for t in _runs(sweep_env["uri"], "lifecycle") if t.info.status == "FINISHED"}
     assert given == {name: str(marker / f"brightness-{name}.parquet") for name in ("photos", "digits-unseen")}
+
+
+def test_a_watched_sweep_records_detection_kits_and_the_defenders_cost(sweep_env):
+    """A sweep whose victims are watched by PRADA and whose grid names MAD: the driver builds the MAD kit once before
+    the victims deploy and measures each policy's cost to the defender; each trial records whether (and after how
+    many queries) its key was flagged; benign clients give PRADA's false-positive rate; the report has both.
+    Measured: the JBA trial (seed 30, rounds doubling the set) is flagged within its 240 queries, as the JBA-like
+    stream of tests/test_detectors_on_victim.py is at query 130; the benign keys are not."""
+    from mlflow import MlflowClient
+
+    from distributed_me.report import write_report
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    doc = _doc("watched", policies=["probabilities", "mad"], detectors=["prada"], benign_keys=2, benign_queries=300,
+               attack={"strategy": ["jba", "random"], "budget": 240, "optimizer": "adam",
+                       "strategy_options": {"jba": {"n_seed": 30, "epochs_per_round": 1}}})
+    try:
+        out = run_sweep(parse_sweep(doc), num_cpus=2)
+    finally:
+        _shutdown_ray()
+    assert out.errors == [] and len(out.rows) == 4
+    (parent,) = _runs(sweep_env["uri"], "watched", "sweep")
+    assert parent.data.tags["dme.kit.digits.mad"].endswith("/mad")  # built by the driver, before the deployment
+    assert parent.data.metrics["detection.digits.0.prada.benign_fpr"] == 0.0
+    assert parent.data.metrics["detection.digits.1.prada.benign_fpr"] == 0.0
+    assert parent.data.tags["dme.defense.digits.1"] == "mad"
+    trials = {(t.data.params["strategy"], t.data.params["policy"]): t.data.metrics
+              for t in _runs(sweep_env["uri"], "watched")}
+    for policy in ("probabilities", "mad"):
+        jba = trials[("jba", policy)]
+        assert jba["detection.prada.flagged"] == 1.0 and 100 <= jba["detection.prada.queries"] <= 240, jba
+        assert "detection.prada.flagged" in trials[("random", policy)]
+    mad = trials[("random", "mad")]
+    assert mad["victim_kl"] > 0 and mad["victim_kl_train"] > 0 and mad["victim_agreement"] > 0.9
+    assert mad["victim_kl"] == pytest.approx(parent.data.metrics["defense.digits.1.kl_test"])
+    report = write_report("watched", sweep_env["dir"] / "report", "test-sweeps")
+    assert report.detection is not None
+    row = report.detection.set_index(["policy", "strategy"]).loc[("mad", "jba")]
+    assert row["flagged_rate"] == 1.0 and row["benign_fpr"] == 0.0
+    assert "## Detectors" in report.markdown.read_text()
+    assert any(p.name == "detection_curves.png" for p in report.plots)
+    assert MlflowClient(sweep_env["uri"]).get_run(parent.info.run_id).info.status == "FINISHED"

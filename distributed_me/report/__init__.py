@@ -33,6 +33,7 @@ from ..errors import DmeError
 from ..extraction import FACTORS
 from ..parity import ParityResult, compare
 from ..tracking import NOTE_TAG, tracking_uri
+from .detection import benign_rates, detection_curves, detection_table, detectors_in
 from .html import report_html
 from .parity import paper_table, parity_markdown, parity_text, write_parity
 from .projection import PLOT as PROJECTION_PLOT
@@ -48,8 +49,13 @@ GROUP_BY = [c for c in ("victim", "policy", "pool", "strategy", "budget", "arch"
 #: adversarial examples, a generator and its gradient estimates), so what a synthetic query costs shows beside the time
 #: spent waiting for the API (``seconds_query``) and training the piracy model (``seconds_train``)
 TIME_SPLIT = ["seconds_selection", "seconds_query", "seconds_train", "seconds_total"]
-TABLE = [*GROUP_BY, "trials", "victim_utility", "victim_kl", "accuracy", "fidelity", "adversarial_fidelity",
-         *TIME_SPLIT]
+#: the attacker's drop: what a defense takes from the attack, paired with the undefended API at the same victim, pool,
+#: strategy, budget, piracy choices and seed (:func:`with_drops`)
+DROPS = ["fidelity_drop", "accuracy_drop"]
+TABLE = [*GROUP_BY, "trials", "victim_utility", "victim_agreement", "victim_kl", "victim_kl_train", "accuracy",
+         "fidelity", "adversarial_fidelity", *DROPS, *TIME_SPLIT]
+#: the output policy every drop is measured against
+UNDEFENDED = "probabilities"
 #: where :func:`publish_report` puts the report in the parent run's artifacts
 ARTIFACT_DIR = "report"
 ROWS_FILE = "results.csv"
@@ -63,6 +69,7 @@ class Report:
     plots: list[Path]
     parity: ParityResult | None = None
     projection: ProjectionReport | None = None
+    detection: pd.DataFrame | None = None
 
 
 def _client() -> Any:
@@ -99,6 +106,20 @@ def sweep_runs(sweep: str, experiment: str | None = None, parent: Any = None) ->
     for k in ("budget", "epochs", "seed"):
         df[k] = pd.to_numeric(df[k], errors="coerce")
     return df.sort_values(list(FACTORS[:6])).reset_index(drop=True)
+
+
+def with_drops(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` plus :data:`DROPS`: per trial, the undefended trial's fidelity (accuracy) minus this one's, the trials
+    paired on every factor but the policy (so on the seed too); NaN where the grid has no undefended twin."""
+    if "policy" not in df or not (df["policy"] == UNDEFENDED).any():
+        return df
+    keys = [k for k in FACTORS if k in df and k != "policy" and df[k].notna().any()]
+    base = df[df["policy"] == UNDEFENDED][[*keys, "fidelity", "accuracy"]]
+    base = base.groupby(keys, dropna=False).mean().reset_index()  # retried trials: one twin per key
+    out = df.merge(base, on=keys, how="left", suffixes=("", "_undefended"))
+    out["fidelity_drop"] = out["fidelity_undefended"] - out["fidelity"]
+    out["accuracy_drop"] = out["accuracy_undefended"] - out["accuracy"]
+    return out.drop(columns=["fidelity_undefended", "accuracy_undefended"])
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +168,8 @@ def _lines(df: pd.DataFrame, by: str, path: Path, title: str) -> Path:
 
 
 def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
+    """Victim utility (and KL) against attacker fidelity, one point per output policy and attack (means over budgets
+    and seeds), one colour per attack: the defenses' trade-off curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,19 +177,22 @@ def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
 
     # the defender's two costs: top-1 utility, and (when recorded) how far the answers are from the posterior (KL)
     costs = [c for c in ("victim_utility", "victim_kl") if c in df and df[c].notna().any()]
-    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4), squeeze=False)
-    m = df.groupby("policy")[[*costs, "fidelity"]].mean().reset_index()
+    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4.5), squeeze=False)
+    m = df.groupby(["strategy", "policy"])[[*costs, "fidelity"]].mean().reset_index()
     labels = {"victim_utility": "victim utility (accuracy of the API's labels)",
               "victim_kl": "KL(victim posterior ‖ API answer), nats"}
     for ax, cost in zip(axes[0], costs):
-        ax.scatter(m[cost], m["fidelity"])
-        for _, r in m.iterrows():
-            ax.annotate(str(r["policy"]), (r[cost], r["fidelity"]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
-        ax.set(xlabel=labels[cost], ylabel="attacker fidelity (mean over trials)", ylim=(0, 1.05),
-               title=f"output policies: {cost.removeprefix('victim_')} vs. extraction")
+        for strategy, g in m.groupby("strategy"):
+            g = g.sort_values(cost)
+            ax.plot(g[cost], g["fidelity"], marker="o", label=str(strategy), alpha=0.85)
+            for _, r in g.iterrows():
+                ax.annotate(str(r["policy"]), (r[cost], r["fidelity"]), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+        ax.set(xlabel=labels[cost], ylabel="attacker fidelity (mean over budgets and seeds)", ylim=(0, 1.05),
+               title=f"defenses: {cost.removeprefix('victim_')} vs. extraction")
         if cost == "victim_utility":
-            ax.set_xlim(0, 1.05)
+            ax.set_xlim(max(0.0, float(m[cost].min()) - 0.05), 1.0)
+        ax.legend(title="attack", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -204,7 +230,7 @@ def _time_split(df: pd.DataFrame, path: Path) -> Path:
 
 def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Path], parity: ParityResult | None,
               parity_plot: Path | None, rows_file: str, plot_dir: str = "",
-              projection: ProjectionReport | None = None) -> str:
+              projection: ProjectionReport | None = None, detection: pd.DataFrame | None = None) -> str:
     """The report as Markdown; ``plot_dir`` is where the images sit relative to it (``plots/`` in MLflow).
     ``plots`` are the summary's plots; the parity and projection plots sit in their own sections."""
     parity_md = parity_markdown(parity, parity_plot) if parity is not None else ""
@@ -215,6 +241,9 @@ def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Pat
         f"{len(df)} finished trials, read from MLflow. Means over seeds; full rows in `{rows_file}`.", "",
         _markdown_table(table), "",
         *[f"![{p.stem}]({plot_dir}{p.name})" for p in plots], "",
+        *(["## Detectors", "", "Share of each attack's trials the per-key detectors flagged, the median queries until "
+           "the flag, and each detector's false-positive rate on benign clients of the same deployment "
+           "(`detection.csv`).", "", _markdown_table(detection), ""] if detection is not None else []),
         *([parity_md] if parity is not None else []),
         *([projection.markdown(plot_dir)] if projection is not None else [])])
 
@@ -223,7 +252,7 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
     """Build the report of ``sweep`` (its newest parent run, or ``parent``) into ``out`` (default ``reports/SWEEP``).
     Raises :class:`DmeError` when no trial of the sweep finished."""
     parent = parent or sweep_parent(sweep, experiment)
-    df = sweep_runs(sweep, experiment, parent)
+    df = with_drops(sweep_runs(sweep, experiment, parent))
     out = out or Path("reports") / sweep
     out.mkdir(parents=True, exist_ok=True)
     plots = [_lines(df, "strategy", out / "fidelity_vs_budget_by_attack.png", "fidelity vs budget, per attack"),
@@ -240,6 +269,11 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
         both = df.assign(pool_policy=df["pool"].astype(str).map(lambda p: Path(p).name) + " · " + df["policy"])
         plots.append(_lines(both, "pool_policy", out / "fidelity_vs_budget_by_pool_and_policy.png",
                             "fidelity vs budget, per pool and output policy"))
+    detection = None
+    if detectors_in(df):
+        plots.append(detection_curves(df, out / "detection_curves.png"))
+        detection = detection_table(df, benign_rates(parent))
+        detection.to_csv(out / "detection.csv", index=False)
     table = summary(df)
     df.to_csv(out / "trials.csv", index=False)
     paper = paper_table(_client(), parent.info.run_id)
@@ -247,11 +281,13 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
     parity_plot = write_parity(parity, out) if parity is not None else None
     projection = projection_report(df, parent, out)  # None for sweeps from before projections were logged
     md = out / "report.md"
-    md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv", projection=projection))
-    text = _text_table(table) + (f"\n\n{parity_text(parity)}" if parity is not None else "") + \
+    md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv", projection=projection,
+                            detection=detection))
+    text = _text_table(table) + (f"\n\ndetectors:\n{_text_table(detection)}" if detection is not None else "") + \
+        (f"\n\n{parity_text(parity)}" if parity is not None else "") + \
         (f"\n\n{projection.text()}" if projection is not None else "")
     return Report(df, text, md, plots + ([parity_plot] if parity_plot else []) +
-                  ([projection.plot] if projection is not None else []), parity, projection)
+                  ([projection.plot] if projection is not None else []), parity, projection, detection)
 
 
 def publish_report(sweep: str, parent_run_id: str, experiment: str | None = None) -> Report | None:
@@ -286,7 +322,8 @@ def _upload(c: Any, parent: Any, sweep: str, report: Report, out: Path) -> Repor
     plot_names = {p.name for p in report.plots}
     summary_plots = [p for p in report.plots if p.stem != "parity" and p.name != PROJECTION_PLOT]
     md = _markdown(sweep, report.frame, table, summary_plots, report.parity,
-                   next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/", report.projection)
+                   next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/", report.projection,
+                   report.detection)
     (out / "report.md").write_text(md)
     (out / "trials.csv").rename(out / ROWS_FILE)
     (out / "report.html").write_text(report_html(sweep, md, report.plots, parent.data.tags.get(NOTE_TAG)))

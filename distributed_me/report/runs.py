@@ -48,4 +48,4 @@ def trial_row(run: Any) -> dict[str, Any]:
     on runs from before projections were logged; the report compares them with the actual ``seconds_*``)."""
     return {"run_id": run.info.run_id, **{k: run.data.params.get(k) for k in FACTORS},
             **{k: run.data.metrics.get(k, math.nan) for k in METRIC_NAMES},
-            **{k: v for k, v in run.data.metrics.items() if k.startswith("projected_")}}
+            **{k: v for k, v in run.data.metrics.items() if k.startswith(("projected_", "detection."))}}

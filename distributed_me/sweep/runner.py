@@ -91,10 +91,102 @@ def load_saved(name: str) -> tuple[SweepSpec, str | None, Path]:
 
 def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     r = spec.resources
+    detectors = [{"detector": d, "action": "flag"} for d in spec.detectors]
     victims = [{"name": spec.deployment_name(v.name, p), "source": v.source, "output_policy": p,
                 "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
-                "max_ongoing_requests": 64} for v in spec.victims for p in spec.policies]
+                "max_ongoing_requests": 64, "detectors": detectors} for v in spec.victims for p in spec.policies]
     return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
+
+
+def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: str,
+                     on_progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """The defender's side of the grid, once per victim before the victims deploy:
+
+    1. the defense kits the grid's output policies need (MAD's surrogate, AM's misinformation model, CIP's energies;
+       a replica binds its kits when it starts): a kit found on disk or in MLflow is used as is, a missing one is
+       built and logged by the code of ``dme defense train``; the parent run gets ``dme.kit.VICTIM.KIT`` tags;
+    2. what each victim × policy costs the defender (:class:`~distributed_me.extraction.DefenseCost`: utility,
+       agreement, KL_test, KL_train). It does not depend on the attack, so trials read it instead of recomputing it
+       (for MAD a Jacobian per test image); the parent run gets it as ``defense.VICTIM.POLICY_INDEX.NAME``.
+
+    Returns ``{"VICTIM|POLICY": cost as a dict}`` for the trials."""
+    from dataclasses import asdict
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from ..defenses import find_kit, parse_policy, train_kit
+    from ..runner import evaluator_for
+    from ..victims import load_victim
+
+    needed = sorted({k for p in spec.policies for k in parse_policy(p).kits_needed()})
+    tags: dict[str, str] = {}
+    metrics: list[Metric] = []
+    costs: dict[str, dict] = {}
+    now = int(time.time() * 1000)
+    for v in spec.victims:
+        victim = load_victim(bundles[v.name])
+        for name in needed:
+            kit = find_kit(victim, name)
+            if kit is None:
+                if on_progress:
+                    on_progress(f"defense kit {name!r} for victim {v.name}: building it once "
+                                f"(`dme defense train --defense {name}`)")
+                kit = train_kit(victim, name, source=v.source)
+            tags[f"dme.kit.{v.name}.{name}"] = str(kit.path)
+        evaluator = evaluator_for(victim)
+        for i, p in enumerate(spec.policies):
+            cost = evaluator.defense_cost(p)
+            assert cost is not None
+            costs[f"{v.name}|{p}"] = asdict(cost)
+            tags[f"dme.defense.{v.name}.{i}"] = p
+            metrics += [Metric(f"defense.{v.name}.{i}.{k}", float(val), now, 0)
+                        for k, val in asdict(cost).items() if val is not None]
+    MlflowClient(tracking_uri()).log_batch(parent_run_id, metrics=metrics,
+                                           tags=[RunTag(k, val) for k, val in tags.items()])
+    return costs
+
+
+def benign_detection(spec: SweepSpec, bundles: dict[str, str], app: str, parent_run_id: str) -> dict[str, float]:
+    """The detectors' false-positive rate: ``spec.benign_keys`` benign clients per victim deployment, each sending
+    ``spec.benign_queries`` of the victim's test images in its own random order, 20 per request, through the same
+    API the trials used; a key any detector flags is a false positive of that detector. Logged to the parent run as
+    ``detection.VICTIM.POLICY_INDEX.DETECTOR.benign_fpr``; returned too."""
+    import numpy as np
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from ray import serve
+
+    from ..defenses import parse_detector
+    from ..serving.clients import HandleOracle
+    from ..victims import load_victim, victim_test_split
+
+    if not spec.detectors or not spec.benign_keys:
+        return {}
+    accountant, watchman = serve.get_deployment_handle("Accountant", app), serve.get_deployment_handle("Watchman", app)
+    names = [parse_detector(d).name for d in spec.detectors]
+    out: dict[str, float] = {}
+    for v in spec.victims:
+        x = victim_test_split(load_victim(bundles[v.name]))[0].numpy()
+        for i, p in enumerate(spec.policies):
+            deployment = spec.deployment_name(v.name, p)
+            flagged = dict.fromkeys(names, 0)
+            for k in range(spec.benign_keys):
+                key = f"benign-{k}-{os.urandom(8).hex()}"
+                accountant.add_client.remote({"key": key, "budget": None, "victims": [deployment]}).result()
+                oracle = HandleOracle(deployment, key, app)
+                order = np.random.default_rng(k).permutation(len(x))[: spec.benign_queries]
+                for j in range(0, len(order), 20):
+                    oracle.query(x[order[j : j + 20]])
+                _, _, fingerprint = accountant.authorize.remote(key, deployment).result()
+                for verdict in watchman.verdicts.remote(deployment, fingerprint).result():
+                    flagged[verdict["detector"]] += bool(verdict["flagged"])
+            for name in names:
+                out[f"detection.{v.name}.{i}.{name}.benign_fpr"] = flagged[name] / spec.benign_keys
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri()).log_batch(parent_run_id, metrics=[Metric(k, val, now, 0) for k, val in out.items()])
+    log.info("detectors' benign false-positive rates: %s", out)
+    return out
 
 
 def prepare_strategies(spec: SweepSpec, parent_run_id: str, progress: bool = True,
@@ -292,6 +384,9 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                 on_progress(f"training the embedded victim once (about a minute on 2 cores), cached in "
                             f"{embedded_bundle_path()}")
             bundles = {v.name: str(victim_bundle_path(v.source)) for v in spec.victims}
+        with clock.phase("defenses"):  # kits before the deployment: its replicas load them when they start
+            defense_costs = prepare_defenses(spec, bundles, parent, on_progress)
+        with clock.phase("deploy"):
             # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
             deployer = BackgroundDeploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
                                         route_prefix=f"/sweeps/{spec.name}",
@@ -309,13 +404,16 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
         ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
-               "deployments": deployments, "cpus_per_trial": spec.resources.cpus_per_trial,
+               "deployments": deployments, "defense_costs": defense_costs,
+               "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
                "cost_device": plan.calibration}
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
         deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
+        with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used
+            benign_detection(spec, bundles, app_name(spec.name), parent)
         clock.seconds["deploy_background"] = deployer.seconds
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "

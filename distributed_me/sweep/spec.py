@@ -31,7 +31,7 @@ from ..extraction import FACTORS, AttackSpec
 from ..models import MODELS
 from ..parity import PaperTable
 from ..plugins import load_plugins
-from ..spec_types import PolicySpec, SafeName, read_yaml_mapping
+from ..spec_types import DetectorSpec, PolicySpec, SafeName, read_yaml_mapping
 from ..train import OPTIMIZERS
 
 
@@ -193,6 +193,15 @@ class SweepSpec(BaseModel):
                                          "one mapping per pool name (e.g. {photos: {n: 2000}, digits-unseen: {}})")
     victims: list[VictimRef] = Field(default_factory=lambda: [VictimRef(name="digits")], min_length=1)
     policies: list[PolicySpec] = Field(["probabilities"], min_length=1, description="output policy chains (defenses)")
+    detectors: list[DetectorSpec] = Field(default_factory=list, description="per-key detectors watching every victim "
+                                          "deployment of the sweep, e.g. ['prada', 'ood-rate'] (action flag: they "
+                                          "never change an answer); each trial reports whether and after how many "
+                                          "queries its key was flagged, and the driver measures their false-positive "
+                                          "rate on benign clients")
+    benign_keys: int = Field(5, ge=0, description="benign clients per victim deployment for the detectors' "
+                                                  "false-positive rate (each sends the victim's test images in its own "
+                                                  "random order)")
+    benign_queries: int = Field(1000, ge=1, description="test images each benign client sends, in batches of 20")
     attack: AttackFactors = Field(default_factory=AttackFactors)
     search: Search = Field(default_factory=Search)
     asha: Asha | None = None

@@ -34,7 +34,7 @@ import torch
 from ..attacks import Timer
 from ..cost.history import DEVICE_TAG
 from ..data import load_pool
-from ..extraction import FACTORS, AttackSpec, Evaluator, run_extraction
+from ..extraction import FACTORS, AttackSpec, DefenseCost, Evaluator, run_extraction
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
@@ -68,6 +68,20 @@ def _accountant(app_name: str):
     from ray import serve
 
     return serve.get_deployment_handle("Accountant", app_name)
+
+
+def key_detection(app: str, deployment: str, key: str) -> dict[str, float]:
+    """What the deployment's detectors concluded about this trial's key once its attack ended: per detector,
+    ``detection.NAME.flagged`` (0/1) and, when flagged, ``detection.NAME.queries`` (the query count at the flag)."""
+    from ray import serve
+
+    _, _, fingerprint = _accountant(app).authorize.remote(key, deployment).result()
+    out: dict[str, float] = {}
+    for v in serve.get_deployment_handle("Watchman", app).verdicts.remote(deployment, fingerprint).result():
+        out[f"detection.{v['detector']}.flagged"] = float(v["flagged"])
+        if v["flagged_at"] is not None:
+            out[f"detection.{v['detector']}.queries"] = float(v["flagged_at"])
+    return out
 
 
 def attack_spec(ctx: dict[str, Any], f: dict[str, Any]) -> AttackSpec:
@@ -118,6 +132,9 @@ def run_trial(config: dict[str, Any]) -> None:
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
+            known = ctx.get("defense_costs", {}).get(f"{f['victim']}|{f['policy']}")
+            if known is not None:  # the driver measured the defender's side once for the sweep
+                evaluator.know_cost(f["policy"], DefenseCost(**known))
             options = options_for_pool(spec["pool_options"], spec["pool"], f["pool"])
             pool = _pool(f["pool"], tuple(sorted(options.items())))
         with h.phase("wait_app"):  # the first trials start while the sweep's Serve app is still deploying
@@ -141,6 +158,9 @@ def run_trial(config: dict[str, Any]) -> None:
         result = run_extraction(oracle, pool, attack, evaluator, on_epoch=on_epoch,
                                 eval_every_epoch=spec["eval_every_epoch"], policy=f["policy"],
                                 projected=ctx["projected"].get(cost_key(f)))
+        if spec.get("detectors"):
+            with h.phase("detection"):
+                result.detection = key_detection(ctx["app_name"], deployment, key)
         result.seconds["train"] -= h.seconds.get("epoch_reports", 0.0)
         result.seconds["total"] -= h.seconds.get("epoch_reports", 0.0)
         final = result.metrics()
