@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from distributed_me.attacks import ATTACKS  # noqa: E402
 from distributed_me.cli import build_parser  # noqa: E402
 from distributed_me.data import DATASETS, POOLS  # noqa: E402
-from distributed_me.defenses import POLICIES  # noqa: E402
+from distributed_me.defenses import DETECTORS, KITS, POLICIES  # noqa: E402
 from distributed_me.extraction import FACTORS, METRIC_NAMES, AttackSpec  # noqa: E402
 from distributed_me.models import MODELS, model_info  # noqa: E402
 from distributed_me.serving.spec import ServeSpec  # noqa: E402
@@ -226,7 +226,16 @@ def page_defenses() -> str:
     for name in POLICIES.names():
         cls = POLICIES.get(name)
         kind = "format (ends a chain)" if cls.is_format else "transform (scores to scores)"
-        parts += [f"### `{name}`", f"Kind: {kind}.", class_doc(cls), options_table(cls)]
+        kit = f" Needs the `{cls.needs_kit}` defense kit (`dme defense train --defense {cls.needs_kit}`)." \
+            if cls.needs_kit else ""
+        parts += [f"### `{name}`", f"Kind: {kind}.{kit}", class_doc(cls), options_table(cls)]
+    parts += ["## Defense kits", module_doc("distributed_me/defenses/kits.py"), "### Registered kits",
+              table(["kit", "what it builds"], [[f"`{n}`", rst_to_md(inspect.getdoc(KITS.get(n)) or "")
+                                                .replace("\n", " ")] for n in KITS.names()]),
+              "## Per-key detectors", module_doc("distributed_me/defenses/detectors/base.py")]
+    for name in DETECTORS.names():
+        cls = DETECTORS.get(name)
+        parts += [f"### `{name}`", class_doc(cls), options_table(cls)]
     return "\n\n".join(parts)
 
 

@@ -108,7 +108,8 @@ def run_cell(make_client: Callable[[], Any], x: np.ndarray, concurrency: int, se
         raise TimeoutError(f"a client thread did not finish within {seconds + 120:.0f}s")
     done = len(latencies)
     return {"concurrency": concurrency, "batch": len(x), "requests": done, "seconds": wall,
-            "images_per_s": done * len(x) / wall, "latency_ms": 1000 * float(np.mean(latencies)) if done else 0.0}
+            "images_per_s": done * len(x) / wall, "latency_ms": 1000 * float(np.mean(latencies)) if done else 0.0,
+            "latencies_ms": [1000 * t for t in latencies]}
 
 
 def interleaved_ms(steps: dict[str, Callable[[], Any]], n: int) -> dict[str, float]:
@@ -175,6 +176,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
         for name, make, cells in paths:
             for x, c in cells:
                 r = {"path": name} | run_cell(make, x, c, seconds, max_requests)
+                r.pop("latencies_ms")
                 rows.append(r)
                 log.info("%s c=%d batch=%d: %.0f img/s", name, c, len(x), r["images_per_s"])
 
