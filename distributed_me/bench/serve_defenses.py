@@ -1,12 +1,12 @@
 """``dme bench serve-defenses``: what each serving-path defense costs the API, measured in one run against the plain
 ``probabilities`` API of the same victim.
 
-One Serve application hosts the victim once per defense (each its own deployment of one replica with one CPU, the
-same batching): the stateless output policies (DP, quantization, noise), the model-carrying ones (MAD, MAD-argmax, AM,
-CIP, their kits built first if missing) and the per-key detectors (PRADA, the OOD-rate monitor) on the undefended
-policy. Every deployment gets the same load, round-robin so that drift on a shared machine hits all alike: HTTP
-clients sending batches of 64 images at concurrency 1 (latency) and 4 (throughput). The table gives images/s, p50 and
-p99 latency per request, and for each the ratio to plain probabilities, plus the latency the defense adds.
+One Serve application hosts the victim once per defense (each its own deployment of one replica running one torch
+thread, the same batching): the stateless output policies (DP, quantization, noise), the model-carrying ones (MAD,
+MAD-argmax, AM, CIP, their kits built first if missing) and the per-key detectors (PRADA, the OOD-rate monitor) on the
+undefended policy. Every deployment gets the same load, round-robin so that drift on a shared machine hits all alike:
+HTTP clients sending batches of 64 images at concurrency 1 (latency) and 4 (throughput). The table gives images/s,
+p50 and p99 latency per request, and for each the ratio to plain probabilities, plus the latency the defense adds.
 
 Load is bounded: loopback only (127.0.0.1), a private 2-CPU Ray cluster, every cell capped in requests and seconds.
 """
@@ -44,7 +44,9 @@ DEFENSES: dict[str, tuple[str, list[str]]] = {
 
 
 def _spec(source: str, query_log: str) -> dict:
-    victims = [{"name": name, "source": source, "output_policy": policy, "num_replicas": 1, "num_cpus": 1.0,
+    # ten deployments on a 2-CPU cluster: each asks for a tenth of a CPU (a replica runs one torch thread whatever it
+    # asks for); the load goes to one deployment at a time, so they do not compete
+    victims = [{"name": name, "source": source, "output_policy": policy, "num_replicas": 1, "num_cpus": 0.1,
                 "max_batch_size": 256, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 256,
                 "detectors": [{"detector": d, "action": "flag"} for d in detectors]}
                for name, (policy, detectors) in DEFENSES.items()]
@@ -110,8 +112,8 @@ def bench_serve_defenses(args: argparse.Namespace) -> dict:
         r["added_p99_ms"] = r["p99_ms"] - b["p99_ms"]
     cols = ["defense", "concurrency", "requests", "images_per_s", "throughput_ratio", "p50_ms", "added_p50_ms",
             "p99_ms", "added_p99_ms"]
-    print_table(rows, cols, f"each defense against plain probabilities, HTTP, batches of {BATCH}, one 1-CPU replica "
-                            f"each, {rounds} round(s) of {seconds:.0f} s per cell")
+    print_table(rows, cols, f"each defense against plain probabilities, HTTP, batches of {BATCH}, one replica (one "
+                            f"torch thread) each, {rounds} round(s) of {seconds:.0f} s per cell")
     plot = _plot(rows, Path(args.out) / "serve-defenses.png")
     return {"victim": source, "batch": BATCH, "cell_seconds": seconds, "cell_max_requests": max_requests,
             "rounds": rounds, "serve_startup_seconds": startup, "kits_built_seconds": built, "rows": rows,
