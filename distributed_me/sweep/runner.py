@@ -45,7 +45,7 @@ from ..victims.embedded import embedded_bundle_path
 from .plan import cost_key, plan_sweep, ray_resources, smaller_preset, trial_projections
 from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
-from .trial import HARNESS_METRIC
+from .trial import HARNESS_METRIC, TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
             return p if p is not None else float(int(f["budget"]) * int(f["epochs"]))
 
         order = sorted(spec.grid(), key=length, reverse=True)
-        return {"factors": tune.grid_search(order), "ctx": ctx}
+        return {"factors": tune.grid_search(order), "ctx": TrialContext(ctx)}
     a = spec.attack
     axes = {"victim": [v.name for v in spec.victims], "policy": spec.policies, "pool": spec.pool,
             "strategy": a.strategy,
@@ -273,7 +273,21 @@ def _param_space(spec: SweepSpec, ctx: dict[str, Any]):
             factors[k] = tune.randint(d["randint"][0], d["randint"][1] + 1)
         else:
             factors[k] = tune.choice(d["choice"])
-    return {"factors": factors, "ctx": ctx}
+    return {"factors": factors, "ctx": TrialContext(ctx)}
+
+
+def _legacy_layout(resume_path: Path) -> bool:
+    """Whether a saved Tune experiment keeps the sweep context as a nested dict (releases before
+    :class:`~distributed_me.sweep.trial.TrialContext`): its flattened ``param_space`` keys reach into ``ctx/``."""
+    import pickle
+
+    try:
+        with open(resume_path / "tuner.pkl", "rb") as fh:
+            keys = pickle.load(fh).get("__flattened_param_space_keys") or []
+    except (OSError, pickle.UnpicklingError, AttributeError, ImportError) as e:
+        log.warning("could not read %s (%s); resuming with today's search space", resume_path / "tuner.pkl", e)
+        return False
+    return any(k.startswith("ctx/") for k in keys)
 
 
 def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resume_path: Path | None,
@@ -286,8 +300,22 @@ def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resu
     bundle = {"CPU": r.cpus_per_trial, **({"GPU": r.gpu_fraction} if gpus else {}), **r.trial_resources}
     trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([bundle]))
     if resume_path is not None:
-        return tune.Tuner.restore(str(resume_path), trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=True, param_space=_param_space(spec, ctx))
+        space = _param_space(spec, ctx)
+        if _legacy_layout(resume_path):
+            # started before the context was one opaque value: Tune would refuse today's context (its flattened keys
+            # differ). The saved space is kept; its trials run with the context they were created with.
+            log.warning("sweep %r was started by an earlier distributed_me; its unfinished trials keep the "
+                           "context they were started with", spec.name)
+            space = None
+        try:
+            return tune.Tuner.restore(str(resume_path), trainable, resume_unfinished=True, resume_errored=False,
+                                      restart_errored=True, param_space=space)
+        except ValueError as e:
+            if "param_space" not in str(e):
+                raise
+            raise DmeError(f"sweep {spec.name!r} cannot be resumed: its saved Tune state in {resume_path} has a "
+                           "different search space than this spec gives (a factor was added or removed); run it "
+                           "again from the start with `dme sweep SPEC --fresh`, or give it another `name:`") from None
     search_alg = scheduler = None
     if spec.search.kind == "optuna":
         from ray.tune.search.optuna import OptunaSearch

@@ -51,6 +51,31 @@ HARNESS_METRIC = "seconds_harness"
 _READY_APPS: set[str] = set()
 
 
+class TrialContext:
+    """The driver's context for every trial (spec, deployments, prepared artifacts, MLflow ids), carried in Tune's
+    ``param_space`` as one opaque value.
+
+    Why opaque: Tune flattens nested dicts of a ``param_space`` and, on ``Tuner.restore``, refuses any whose
+    flattened keys differ from the original's. As a plain dict, every field added to a sweep spec or to this context
+    in a later release would make sweeps started before it unresumable. Restored trials keep the context they were
+    created with, so the trial reads new fields with ``.get`` and a default.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:  # Tune prints configs: the context is too long to be useful there
+        return f"TrialContext(sweep={self.data.get('spec', {}).get('name')!r})"
+
+
+def trial_context(config: dict[str, Any]) -> dict[str, Any]:
+    """The context of a trial config; sweeps started before :class:`TrialContext` carry a plain dict."""
+    ctx = config["ctx"]
+    return ctx.data if isinstance(ctx, TrialContext) else ctx
+
+
 @lru_cache(maxsize=4)
 def _judge(bundle: str) -> tuple[Victim, Evaluator]:
     """Victim and evaluator, cached per worker process: consecutive trials on one worker share them."""
@@ -105,7 +130,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ..serving.runtime import wait_until_ready
 
     h = Timer(phases=())  # the harness's own steps, outside the extraction's phases
-    ctx = config["ctx"]
+    ctx = trial_context(config)
     spec = ctx["spec"]  # validated by the driver: not validated again per trial
     load_plugins(spec.get("plugins", []))
     f = {k: config["factors"][k] for k in FACTORS}
