@@ -385,7 +385,9 @@ def test_concurrent_batched_answers_go_back_to_their_own_client(service, victim)
 POLICIES_THROUGH_SERVE = {"topk": "topk:3", "round": "round:2", "quantize": "quantize:5", "noise": "noise:0.05",
                           "rsig": "reverse_sigmoid", "dp": "dp:beta=5", "chain": "round:2,topk:1",
                           # the model-carrying defenses, each with its kit (built below)
-                          "mad": "mad", "mad-argmax": "mad-argmax:eps=0.8", "am": "am", "cip": "cip,topk:3"}
+                          "mad": "mad", "mad-argmax": "mad-argmax:eps=0.8", "am": "am", "cip": "cip,topk:3",
+                          # ModelGuard-S's codebook is state: one replica, the same requests in the same order
+                          "modelguard-w": "modelguard-w", "modelguard-s": "modelguard-s:eps=0.5"}
 
 
 def _as_a_replica(fn, *args):

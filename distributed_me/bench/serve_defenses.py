@@ -38,15 +38,17 @@ DEFENSES: dict[str, tuple[str, list[str]]] = {
     "mad-argmax": ("mad-argmax", []),
     "am": ("am", []),
     "cip": ("cip", []),
+    "modelguard-w": ("modelguard-w", []),
+    "modelguard-s": ("modelguard-s", []),
     "prada": ("probabilities", ["prada"]),
     "ood-rate": ("probabilities", ["ood-rate"]),
 }
 
 
 def _spec(source: str, query_log: str) -> dict:
-    # ten deployments on a 2-CPU cluster: each asks for a tenth of a CPU (a replica runs one torch thread whatever it
-    # asks for); the load goes to one deployment at a time, so they do not compete
-    victims = [{"name": name, "source": source, "output_policy": policy, "num_replicas": 1, "num_cpus": 0.1,
+    # twelve deployments on a 2-CPU cluster: each asks for 0.08 CPU (a replica runs one torch thread whatever it asks
+    # for); the load goes to one deployment at a time, so they do not compete
+    victims = [{"name": name, "source": source, "output_policy": policy, "num_replicas": 1, "num_cpus": 0.08,
                 "max_batch_size": 256, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 256,
                 "detectors": [{"detector": d, "action": "flag"} for d in detectors]}
                for name, (policy, detectors) in DEFENSES.items()]
