@@ -132,6 +132,41 @@ def cmd_defense_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defense_advft(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .defenses.advft import AdvFTConfig, protect_victim
+    from .defenses.kits import _registered_version
+    from .victims import load_victim, register_victim
+
+    try:  # unset flags are None and fall back to AdvFTConfig's defaults (the paper's)
+        cfg = AdvFTConfig.from_given(margin=args.margin, epochs=args.epochs, gen_steps=args.gen_steps,
+                                     model_steps=args.model_steps, batch_size=args.batch_size, seed=args.seed)
+    except ValidationError as e:
+        raise explain_validation_error(e, "AdvFT") from None
+    victim = load_victim(args.victim, progress=not args.quiet)
+    prot = protect_victim(victim, cfg, out=args.out, progress=not args.quiet)
+    uri = None
+    if not args.no_mlflow:
+        parent = _registered_version(args.victim)
+        name = args.name or (parent[0] if parent else victim.meta.name)
+        lineage = f"models:/{parent[0]}/{parent[1]}" if parent else f"sha256:{victim.meta.weights_sha256}"
+        tags = {"dme.defense": "advft", "dme.parent": lineage,
+                **{f"dme.advft.{k}": str(v) for k, v in cfg.model_dump().items()}}
+        h = prot.history
+        uri = register_victim(prot.path, name, version_tags=tags, metrics=prot.metrics, run_name=f"advft {name}",
+                              history={"advft.l_g": h.l_g, "advft.l_f1": h.l_f1, "advft.l_f2": h.l_f2})
+    m = prot.metrics
+    print(_table([("parent", f"{victim.meta.name} ({args.victim})"), ("protected bundle", str(prot.path)),
+                  ("mlflow model", uri or "(not logged)"),
+                  ("Acc_MR / Acc_MF", f"{m['acc_mr']:.4f} / {m['acc_mf']:.4f}  (test accuracy before / after)"),
+                  ("agreement", f"{m['agreement']:.4f}  (top-1, protected vs original, test split)"),
+                  ("KL_test / KL_train", f"{m['kl_test']:.3g} / {m['kl_train']:.3g} nats"),
+                  ("last epoch", f"L_G {prot.history.l_g[-1]:.4g}, L_F1 {prot.history.l_f1[-1]:.4g}, "
+                                 f"L_F2 {prot.history.l_f2[-1]:.4g}")], "AdvFT"))
+    return 0
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -461,8 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt = des.add_parser("train", parents=[common], formatter_class=HelpFormatter,
                         help="train a defense's models for a victim (MAD's surrogate, AM's misinformation model, "
                              "CIP's energy thresholds) and store them beside the victim, in MLflow too")
-    dt.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
-                                                         "(default: the embedded digits victim)")
+    _victim_arg(dt)
     dt.add_argument("--defense", required=True, help=f"the defense kit to build: {names('defense kits')}")
     dt.add_argument("--epochs", type=int, help="epochs of a kit's trained model (default: the defense's own)")
     dt.add_argument("--seed", type=int, default=0)
@@ -470,10 +504,25 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--no-mlflow", action="store_true", help="keep the kit on disk only")
     dt.add_argument("-q", "--quiet", action="store_true")
     dt.set_defaults(func=cmd_defense_train)
+    da = des.add_parser("advft", parents=[common], formatter_class=HelpFormatter,
+                        help="AdvFT (paper 002): fine-tune a protected copy of a victim and register it as the next "
+                             "version of the victim's registered model, with its lineage and costs")
+    _victim_arg(da)
+    da.add_argument("--name", help="registered model name of the new version (default: the victim's registered name, "
+                                   "else its bundle name)")
+    da.add_argument("--margin", type=float, help="m of eq. (2) (default 100, the paper's)")
+    da.add_argument("--epochs", type=int, help="N, AdvFT epochs (default 30, the paper's CIFAR10 value)")
+    da.add_argument("--gen-steps", type=int, help="I_G per epoch (default: one pass over the training batches)")
+    da.add_argument("--model-steps", type=int, help="I_F per epoch (default: one pass over the training batches)")
+    da.add_argument("--batch-size", type=int, help="real and generated images per step (default 128)")
+    da.add_argument("--seed", type=int)
+    da.add_argument("--out", help="bundle folder of the protected model (default under $DME_HOME/victims/advft/)")
+    da.add_argument("--no-mlflow", action="store_true", help="write the bundle only")
+    da.add_argument("-q", "--quiet", action="store_true")
+    da.set_defaults(func=cmd_defense_advft)
 
     at = command("attack", help="run one extraction in process and print the result")
-    at.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
-                                                          "(default: the embedded digits victim)")
+    _victim_arg(at)
     at.add_argument("--pool", default=None, help="pool name, dataset name or .npz path (default: embedded photos); "
                                                  f"pools: {names('pools')}; datasets: {names('datasets')}")
     # attacker choices default to None: AttackSpec owns the defaults (shown in the help from there)
@@ -611,6 +660,11 @@ def _common_args(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--plugin", action="append", default=default, metavar="FILE.py|MODULE",
                    help="import a module that registers attacks, defenses, models, … first (repeatable); its names "
                         "then show in --help too (a sweep file lists its own under `plugins`: its trials load them)")
+
+
+def _victim_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--victim", default="embedded", help="bundle path, registered name, or MLflow model URI "
+                                                        "(default: the embedded digits victim)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

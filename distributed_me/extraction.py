@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .answer import Answer
 from .attacks import ATTACKS, PHASES, QueryStrategy, Timer, Workbench
 from .data.base import Normalization, Pool
-from .metrics import accuracy, adversarial_fidelity, fidelity
+from .metrics import KL_TRAIN_IMAGES, accuracy, adversarial_fidelity, fidelity
 from .models import MODELS, NormalizedModel, create_model
 from .oracle import Oracle
 from .train import OPTIMIZERS, TrainConfig, predict_labels
@@ -40,9 +40,6 @@ log = logging.getLogger(__name__)
 #: (KL_train).
 SCORE_NAMES: tuple[str, ...] = ("victim_accuracy", "victim_utility", "victim_agreement", "victim_kl",
                                 "victim_kl_train", "accuracy", "fidelity", "adversarial_fidelity", "queries_used")
-#: training images the defender's KL_train is measured on (a fixed prefix of the split: model-carrying defenses run
-#: a model per image, and the mean settles well before 2,000)
-KL_TRAIN_IMAGES = 2000
 
 #: the floor under an answer's scores before the KL: a label-only or top-k answer gives zeros, and the floor turns
 #: them into "the answer withheld this mass" (at most ln(1/KL_FLOOR) ≈ 13.8 nats per query) instead of infinity

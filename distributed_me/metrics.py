@@ -27,6 +27,10 @@ LabelFn = Callable[[torch.Tensor], torch.Tensor]
 #: PGD steps of adversarial fidelity (eq. 5), also what the cost model prices
 PGD_STEPS = 7
 
+#: training images the defender's KL_train is measured on (a fixed prefix of the split: model-carrying defenses run
+#: a model per image, and the mean settles well before 2,000)
+KL_TRAIN_IMAGES = 2000
+
 def _as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.as_tensor(a)
 

@@ -43,6 +43,7 @@ from torch import nn
 from ..answer import Answer
 from ..cost import work
 from ..cost.work import CostJob, Work
+from ..models.generator import Generator, to_images  # noqa: F401 - the strategies import them from here
 from .base import QueryStrategy, Workbench
 
 #: smallest probability fed to log() for the recovered logits (log(1e-12) ≈ −27.6)
@@ -57,37 +58,6 @@ class DataFreeStrategy(QueryStrategy):
     accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
     draws_from_pool: ClassVar[bool] = False
     learning_test_budget: ClassVar[int | None] = None
-
-
-# ------------------------------------------------------------------------------------------------------- generator
-class Generator(nn.Module):
-    """DFME's GeneratorA (see the module docstring) for any (C, H, W); :meth:`forward` returns the pre-activation."""
-
-    def __init__(self, shape: tuple[int, int, int], nz: int = 256, ngf: int = 64, final_affine: bool = False):
-        super().__init__()
-        c, h, w = shape
-        self.shape, self.nz = (int(c), int(h), int(w)), int(nz)
-        self.start = (max(2, math.ceil(h / 4)), max(2, math.ceil(w / 4)))
-        self.l1 = nn.Linear(nz, 2 * ngf * self.start[0] * self.start[1])
-        self.bn0 = nn.BatchNorm2d(2 * ngf)
-        self.block1 = nn.Sequential(nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1), nn.BatchNorm2d(2 * ngf),
-                                    nn.LeakyReLU(0.2, inplace=True))
-        self.block2 = nn.Sequential(nn.Conv2d(2 * ngf, ngf, 3, padding=1), nn.BatchNorm2d(ngf),
-                                    nn.LeakyReLU(0.2, inplace=True))
-        self.out = nn.Sequential(nn.Conv2d(ngf, c, 3, padding=1), nn.BatchNorm2d(c, affine=final_affine))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.l1(z.flatten(1)).view(len(z), -1, *self.start)
-        x = self.block1(F.interpolate(self.bn0(x), scale_factor=2))
-        x = self.block2(F.interpolate(x, scale_factor=2))
-        if tuple(x.shape[2:]) != self.shape[1:]:
-            x = F.interpolate(x, size=self.shape[1:], mode="bilinear", align_corners=False)
-        return self.out(x)
-
-
-def to_images(x_pre: torch.Tensor) -> torch.Tensor:
-    """The query images of pre-activations: ``(tanh + 1) / 2``, in [0, 1] (the papers' tanh output, moved)."""
-    return ((torch.tanh(x_pre) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def to_grayscale(images: torch.Tensor, every: int, gen: torch.Generator) -> torch.Tensor:

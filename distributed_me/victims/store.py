@@ -7,6 +7,7 @@ dme bundle (``models:/NAME/VERSION``) and a model MLflow itself can load and ``p
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -47,19 +48,33 @@ def cache_dir() -> Path:
     return dme_home()
 
 
-def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victims") -> str:
-    """Log the bundle as a run + registered model version; returns the ``models:/NAME/VERSION`` URI."""
+def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victims", *,
+                    version_tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+                    history: dict[str, list[float]] | None = None, run_name: str | None = None) -> str:
+    """Log the bundle as a run + registered model version; returns the ``models:/NAME/VERSION`` URI.
+
+    A model-side defense registers its protected model as the next version of the victim's name with
+    ``version_tags`` (its lineage and parameters), ``metrics`` (what it costs) and ``history`` (per-epoch curves)."""
     import mlflow
     import torch
+    from mlflow.entities import Metric
 
     from ..tracking import mlflow_run
 
     victim = load_bundle(bundle)
-    with mlflow_run(experiment, f"train-victim {name}", tags={"dme.kind": "victim", "dme.victim": name}):
+    with mlflow_run(experiment, run_name or f"train-victim {name}",
+                    tags={"dme.kind": "victim", "dme.victim": name, **(version_tags or {})}) as run:
         mlflow.log_params({"arch": victim.meta.arch, "dataset": victim.meta.dataset,
                            "img_size": victim.meta.img_size, "split_seed": victim.meta.split_seed,
-                           **{f"train.{k}": v for k, v in victim.meta.train_config.items()}})
+                           **{f"train.{k}": v for k, v in victim.meta.train_config.items()
+                              if not isinstance(v, dict)}})
         mlflow.log_metric("test_accuracy", victim.meta.test_accuracy)
+        if metrics:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        if history:
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient(tracking_uri()).log_batch(run.info.run_id, metrics=[
+                Metric(k, float(v), now, step) for k, values in history.items() for step, v in enumerate(values)])
         info = mlflow.pyfunc.log_model(
             name="victim",
             python_model=_pyfunc_model(),
@@ -68,6 +83,12 @@ def register_victim(bundle: str | Path, name: str, experiment: str = "dme-victim
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
         )
     version = info.registered_model_version
+    if version_tags:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri())
+        for k, v in version_tags.items():
+            client.set_model_version_tag(name, str(version), k, v)
     uri = f"models:/{name}/{version}"
     log.info("registered victim %s", uri)
     return uri
