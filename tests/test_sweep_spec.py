@@ -222,3 +222,8 @@ def test_progress_lines_carry_live_counts_and_the_status_line_each_running_trial
     quiet.on_trial_start(0, [], trial(4))
     quiet.on_trial_result(0, [], trial(4), {"epoch": 1})
     assert len(status) == 6  # two starts, an epoch, a finish, a failure, a start: none from the quiet one
+    resumed = TrialProgress(5, lines.append)  # a resumed sweep: what finished before counts from the first step on
+    resumed.on_step_begin(0, [trial(5, status="TERMINATED"), trial(6, status="TERMINATED"), trial(7, status="PENDING")])
+    resumed.on_step_begin(1, [])  # only the first step counts
+    resumed.on_trial_start(0, [], trial(7))
+    assert lines[-1].startswith("[2/5 done · 1 running · 0 failed] started ")

@@ -39,6 +39,7 @@ class TrialProgress(Callback):
     def __init__(self, total: int, emit: Callable[[str], None], status: Callable[[str], None] | None = None):
         self.total, self.emit, self.status = total, emit, status
         self.done = self.failed = 0
+        self._counted = False
         self.started: dict[str, float] = {}
         self.epochs: dict[str, tuple[int, int]] = {}  # running trial id -> (epoch reached, epochs)
 
@@ -53,6 +54,13 @@ class TrialProgress(Callback):
             return
         bars = "  ".join(f"{trial_id[-5:]} {epoch_bar(*e)}" for trial_id, e in sorted(self.epochs.items()))
         self.status(f"[{self.counts()}] {bars}")
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Once, before any trial runs: a resumed sweep's trials that finished (or failed) before count as done."""
+        if not self._counted:
+            self._counted = True
+            self.done = sum(1 for t in trials if t.status == "TERMINATED")
+            self.failed = sum(1 for t in trials if t.status == "ERROR")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.started[trial.trial_id] = time.monotonic()
