@@ -35,10 +35,11 @@ from ..parity import ParityResult, compare
 from ..tracking import NOTE_TAG, tracking_uri
 from .detection import benign_rates, detection_curves, detection_table, detectors_in
 from .html import report_html
-from .parity import paper_table, parity_markdown, parity_text, write_parity
+from .parity import paper_table, parity_markdown, parity_text, stored_spec, write_parity
 from .projection import PLOT as PROJECTION_PLOT
 from .projection import ProjectionReport, projection_report
 from .runs import finished_trials, trial_row
+from .versions import version_table
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Report:
     parity: ParityResult | None = None
     projection: ProjectionReport | None = None
     detection: pd.DataFrame | None = None
+    versions: pd.DataFrame | None = None
 
 
 def _client() -> Any:
@@ -230,7 +232,8 @@ def _time_split(df: pd.DataFrame, path: Path) -> Path:
 
 def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Path], parity: ParityResult | None,
               parity_plot: Path | None, rows_file: str, plot_dir: str = "",
-              projection: ProjectionReport | None = None, detection: pd.DataFrame | None = None) -> str:
+              projection: ProjectionReport | None = None, detection: pd.DataFrame | None = None,
+              versions: pd.DataFrame | None = None) -> str:
     """The report as Markdown; ``plot_dir`` is where the images sit relative to it (``plots/`` in MLflow).
     ``plots`` are the summary's plots; the parity and projection plots sit in their own sections."""
     parity_md = parity_markdown(parity, parity_plot) if parity is not None else ""
@@ -244,6 +247,11 @@ def _markdown(sweep: str, df: pd.DataFrame, table: pd.DataFrame, plots: list[Pat
         *(["## Detectors", "", "Share of each attack's trials the per-key detectors flagged, the median queries until "
            "the flag, and each detector's false-positive rate on benign clients of the same deployment "
            "(`detection.csv`).", "", _markdown_table(detection), ""] if detection is not None else []),
+        *(["## Victim versions", "", "Per registered version of a victim (MEBench Tables 15-16): the API's test "
+           "accuracy and mean top-1 confidence, the attack's fidelity and accuracy against it, and against the "
+           "previous version the change of each, the share of test images with the same predicted class and the mean "
+           "absolute change of the top-1 confidence (`versions.csv`).", "", _markdown_table(versions), ""]
+          if versions is not None else []),
         *([parity_md] if parity is not None else []),
         *([projection.markdown(plot_dir)] if projection is not None else [])])
 
@@ -276,18 +284,23 @@ def write_report(sweep: str, out: Path | None = None, experiment: str | None = N
         detection.to_csv(out / "detection.csv", index=False)
     table = summary(df)
     df.to_csv(out / "trials.csv", index=False)
+    spec = stored_spec(_client(), parent.info.run_id, "victim-version table")
+    versions = version_table(df, {v["name"]: v.get("source", "embedded") for v in (spec or {}).get("victims", [])})
+    if versions is not None:
+        versions.to_csv(out / "versions.csv", index=False)
     paper = paper_table(_client(), parent.info.run_id)
     parity = compare(paper, df) if paper is not None else None
     parity_plot = write_parity(parity, out) if parity is not None else None
     projection = projection_report(df, parent, out)  # None for sweeps from before projections were logged
     md = out / "report.md"
     md.write_text(_markdown(sweep, df, table, plots, parity, parity_plot, "trials.csv", projection=projection,
-                            detection=detection))
+                            detection=detection, versions=versions))
     text = _text_table(table) + (f"\n\ndetectors:\n{_text_table(detection)}" if detection is not None else "") + \
+        (f"\n\nvictim versions:\n{_text_table(versions)}" if versions is not None else "") + \
         (f"\n\n{parity_text(parity)}" if parity is not None else "") + \
         (f"\n\n{projection.text()}" if projection is not None else "")
     return Report(df, text, md, plots + ([parity_plot] if parity_plot else []) +
-                  ([projection.plot] if projection is not None else []), parity, projection, detection)
+                  ([projection.plot] if projection is not None else []), parity, projection, detection, versions)
 
 
 def publish_report(sweep: str, parent_run_id: str, experiment: str | None = None) -> Report | None:
@@ -323,7 +336,7 @@ def _upload(c: Any, parent: Any, sweep: str, report: Report, out: Path) -> Repor
     summary_plots = [p for p in report.plots if p.stem != "parity" and p.name != PROJECTION_PLOT]
     md = _markdown(sweep, report.frame, table, summary_plots, report.parity,
                    next((p for p in report.plots if p.stem == "parity"), None), ROWS_FILE, "plots/", report.projection,
-                   report.detection)
+                   report.detection, report.versions)
     (out / "report.md").write_text(md)
     (out / "trials.csv").rename(out / ROWS_FILE)
     (out / "report.html").write_text(report_html(sweep, md, report.plots, parent.data.tags.get(NOTE_TAG)))

@@ -32,17 +32,24 @@ PLOT = "parity.png"
 HOLDS = {True: "yes", False: "NO", None: "n/a"}
 
 
-def paper_table(client: Any, run_id: str) -> PaperTable | None:
-    """The ``paper`` section of the spec stored with parent run ``run_id``, or ``None`` (no section, no artifact —
-    a sweep from before specs were logged — or a section that no longer validates; the last two are logged)."""
+def stored_spec(client: Any, run_id: str, purpose: str) -> dict | None:
+    """The sweep spec stored with parent run ``run_id`` (``None``, logged with ``purpose``, when there is none: a
+    sweep from before specs were logged)."""
     with tempfile.TemporaryDirectory() as d:
         try:
             path = client.download_artifacts(run_id, SPEC_ARTIFACT, d)
             doc = json.loads(Path(path).read_text())
         except Exception as e:  # MLflow raises several types for a missing artifact; the report goes on without
-            log.warning("no %s on the sweep's parent run %s (%s): no paper parity section", SPEC_ARTIFACT, run_id, e)
+            log.warning("no %s on the sweep's parent run %s (%s): no %s", SPEC_ARTIFACT, run_id, e, purpose)
             return None
-    paper = doc.get("paper") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def paper_table(client: Any, run_id: str) -> PaperTable | None:
+    """The ``paper`` section of the spec stored with parent run ``run_id``, or ``None`` (no section, no artifact —
+    a sweep from before specs were logged — or a section that no longer validates; the last two are logged)."""
+    doc = stored_spec(client, run_id, "paper parity section")
+    paper = doc.get("paper") if doc else None
     if not paper:
         return None
     try:

@@ -104,6 +104,35 @@ def _latest_version(name: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
+def canonical_model_uri(spec: str) -> str:
+    """``models:/NAME/VERSION`` for a registered name (its latest version) or an alias (``models:/NAME@ALIAS``, the
+    version it points to now); other URIs as given. An alias moves, a version does not: caches and records keep the
+    version."""
+    if ":/" not in spec:
+        return f"models:/{spec}/{_latest_version(spec)}"
+    if spec.startswith("models:/") and "@" in spec:
+        from mlflow import MlflowClient
+
+        name, alias = spec[len("models:/"):].split("@", 1)
+        try:
+            version = MlflowClient(tracking_uri()).get_model_version_by_alias(name, alias).version
+        except Exception as e:  # mlflow raises several exception types for an unknown name or alias
+            raise BundleError(f"no version of registered victim {name!r} has the alias {alias!r} in the MLflow store "
+                              f"{tracking_uri()} ({type(e).__name__}); set one with MlflowClient()."
+                              "set_registered_model_alias, or name a version: models:/NAME/VERSION") from None
+        return f"models:/{name}/{version}"
+    return spec
+
+
+def parse_model_version(spec: str) -> tuple[str, int] | None:
+    """``(NAME, VERSION)`` of a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` source (aliases resolved), else
+    ``None`` (a bundle path, the embedded victim, a run URI)."""
+    if not spec.startswith("models:/"):
+        return None
+    parts = canonical_model_uri(spec)[len("models:/"):].split("/")
+    return (parts[0], int(parts[1])) if len(parts) == 2 and parts[1].isdigit() else None
+
+
 def resolve_bundle_path(spec: str) -> Path:
     """The local bundle folder of a victim given as a bundle path, an MLflow model URI (``models:/NAME/VERSION``,
     ``runs:/...``) or a registered name (latest version); MLflow models are downloaded into the cache once."""
@@ -117,7 +146,7 @@ def resolve_bundle_path(spec: str) -> Path:
     from ..tracking import use_store
 
     store = use_store()
-    uri = spec if ":/" in spec else f"models:/{spec}/{_latest_version(spec)}"
+    uri = canonical_model_uri(spec)
     dst = cache_dir() / "victims" / "mlflow" / uri.replace(":/", "_").replace("/", "_")
     if not any(dst.rglob(META_FILE)):
         dst.mkdir(parents=True, exist_ok=True)
@@ -131,4 +160,4 @@ def resolve_bundle_path(spec: str) -> Path:
     return found[0].parent
 
 
-__all__ = ["register_victim", "resolve_bundle_path", "cache_dir"]
+__all__ = ["cache_dir", "canonical_model_uri", "parse_model_version", "register_victim", "resolve_bundle_path"]
