@@ -167,6 +167,22 @@ def cmd_defense_advft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .ownership import VERIFY_ALPHA, dawn_evidence, load_suspect, verify_dawn
+    from .victims import load_victim
+
+    sets = dawn_evidence(args.evidence)
+    victim = load_victim(args.victim, progress=not args.quiet)
+    alpha = VERIFY_ALPHA if args.alpha is None else args.alpha
+    rows = verify_dawn(load_suspect(args.suspect), sets, victim.meta.num_classes, alpha)
+    print(_table([(f"client {r.stream[:16]}" if r.stream != "all" else "all clients",
+                   f"{r.matches}/{r.samples} watermark labels matched ({r.agreement:.1%}), p = {r.p_value:.3g}: "
+                   + ("EXTRACTED" if r.extracted else "not shown")) for r in rows],
+                 f"DAWN evidence for {args.suspect} vs {victim.meta.name} (alpha {alpha:g}; H0 matches at most "
+                 f"1/{victim.meta.num_classes - 1} each)"))
+    return 0
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -520,6 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     da.add_argument("--no-mlflow", action="store_true", help="write the bundle only")
     da.add_argument("-q", "--quiet", action="store_true")
     da.set_defaults(func=cmd_defense_advft)
+
+    ve = command("verify", help="was SUSPECT extracted from the victim? a p-value from the watermark evidence (DAWN)")
+    ve.add_argument("suspect", help="piracy model file (piracy_model.pt, or runs:/RUN/piracy_model.pt) or any victim "
+                                    "source (bundle, registered name, models:/ URI)")
+    _victim_arg(ve)
+    ve.add_argument("--evidence", required=True, help="the DAWN records: <query_log>/watermarks/<victim name> of the "
+                                                      "deployment (or LocalOracle's $DME_HOME/watermarks/NAME)")
+    ve.add_argument("--alpha", type=float, help="significance level of the verdict (default 1e-3)")
+    ve.add_argument("-q", "--quiet", action="store_true")
+    ve.set_defaults(func=cmd_verify)
 
     at = command("attack", help="run one extraction in process and print the result")
     _victim_arg(at)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -116,6 +117,10 @@ class LocalOracle:
 
     ``victim`` is anything with ``predict_probs(x: Tensor) -> Tensor`` plus ``class_names`` and ``input_shape``
     (a :class:`~distributed_me.victims.Victim`). The attack never receives the victim itself.
+
+    ``watermarks``: where a watermarking policy (DAWN) records what it marked, a
+    :class:`~distributed_me.defenses.dawn.FolderSink` root (default ``$DME_HOME/watermarks/NAME``; ``False``: marks
+    are made, nothing is recorded).
     """
 
     def __init__(
@@ -126,9 +131,15 @@ class LocalOracle:
         name: str = "victim",
         seed: int = 0,
         stream: str = "",
+        watermarks: str | Path | Literal[False] | None = None,
     ):
         self._victim = victim
         self._policy = bind_kits(parse_policy(policy, seed=seed), victim)  # a missing kit fails here, not mid-attack
+        if self._policy.needs_sink and watermarks is not False:
+            from .defenses.dawn import FolderSink
+            from .tracking import dme_home
+
+            self._policy.bind_sink(FolderSink(watermarks or dme_home() / "watermarks" / name))
         self._stream = stream  # the client's name in randomized policies' draws (Serve uses the key's fingerprint)
         self._meter = Meter(budget)
         self.info = OracleInfo(

@@ -46,7 +46,7 @@ def policy_answers(victim: Victim) -> PolicyAnswers:
     client stream, the victim's defense kits), with the victim's own probabilities beside the answer."""
 
     def answer(policy: str, images: torch.Tensor) -> tuple[np.ndarray, Answer]:
-        oracle = LocalOracle(victim, policy)
+        oracle = LocalOracle(victim, policy, watermarks=False)  # pricing a policy is not a client: no evidence
         return victim.predict_probs(images).numpy(), query_in_batches(oracle, images)
 
     return answer

@@ -95,7 +95,8 @@ def test_bad_input_is_one_clear_error(capsys, argv, needle):
     (["sweep", "sweeps/quickstart.yaml", "--set", "attack.optimizer=rmsprop", "--dry-run"],
      "sweep field 'attack.optimizer' = 'rmsprop': unknown optimizer 'rmsprop'; valid: adam, adamw, lion, sgd"),
     (["sweep", "--resume", "x", "sweeps/quickstart.yaml"], "not both"),
-    (["defense", "train", "--defense", "nope"], "unknown defense kit 'nope'; valid defense kit names: am, cip, mad"),
+    (["defense", "train", "--defense", "nope"],
+     "unknown defense kit 'nope'; valid defense kit names: am, cip, dawn, mad"),
     (["defense", "advft", "--margin", "-1"], "margin"),
 ])
 def test_every_command_says_what_was_wrong_in_one_error_line(capsys, monkeypatch, tmp_path, argv, needle):

@@ -10,7 +10,7 @@ import torch
 from helpers import serve_env
 
 from distributed_me.data import EMBEDDED_POOL, load_pool, to_tensor
-from distributed_me.defenses import POLICIES, find_kit, parse_policy, train_kit
+from distributed_me.defenses import KITS, POLICIES, find_kit, parse_policy, train_kit
 from distributed_me.defenses.cip import (
     CONFIDENT_OOD,
     ID,
@@ -38,9 +38,9 @@ def victim(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kits(victim, tmp_path_factory):
-    """The three kits, on disk only (the MLflow round trip has its own test); AM's model trained 2 epochs."""
+    """Every registered kit, on disk only (the MLflow round trip has its own test); AM's model trained 2 epochs."""
     with serve_env(tmp_path_factory.getbasetemp()):
-        return {name: train_kit(victim, name, epochs=2, track=False) for name in ("mad", "am", "cip")}
+        return {name: train_kit(victim, name, epochs=2, track=False) for name in KITS.names()}
 
 
 @pytest.fixture(scope="module")

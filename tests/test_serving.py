@@ -5,6 +5,7 @@ One application for the module: ``digits`` (2 replicas, probabilities), ``digits
 """
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -387,7 +388,9 @@ POLICIES_THROUGH_SERVE = {"topk": "topk:3", "round": "round:2", "quantize": "qua
                           # the model-carrying defenses, each with its kit (built below)
                           "mad": "mad", "mad-argmax": "mad-argmax:eps=0.8", "am": "am", "cip": "cip,topk:3",
                           # ModelGuard-S's codebook is state: one replica, the same requests in the same order
-                          "modelguard-w": "modelguard-w", "modelguard-s": "modelguard-s:eps=0.5"}
+                          "modelguard-w": "modelguard-w", "modelguard-s": "modelguard-s:eps=0.5",
+                          # DAWN at a rate that marks some of the 46 images; its records checked below
+                          "dawn": "dawn:rate=0.3"}
 
 
 def _as_a_replica(fn, *args):
@@ -413,7 +416,7 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
     from distributed_me.serving.ledger import key_fingerprint, ledger_secret
     from distributed_me.serving.runtime import deploy
 
-    for kit in ("mad", "am", "cip"):  # in the home the replicas read (the service's); AM's model 1 epoch
+    for kit in ("mad", "am", "cip", "dawn"):  # in the home the replicas read (the service's); AM's model 1 epoch
         if find_kit(victim, kit) is None:
             train_kit(victim, kit, epochs=1, track=False)
     seed, keys = 7, ("key-policies", "key-policies-2")
@@ -455,6 +458,19 @@ def test_every_output_policy_answers_through_serve_as_in_process(service, victim
         twin = LocalOracle(victim, "noise:0.05", seed=seed, stream=key_fingerprint(keys[1], ledger_secret(folder)))
         np.testing.assert_array_equal(other.scores, _as_a_replica(twin.query, x).scores)
         assert not np.isclose(other.scores, repeats[0].scores, atol=1e-4).all(axis=1).any()
+        # DAWN's evidence, by the query log: the key's marked images and their wrong labels, those the in-process
+        # twin marked too (its records went to its own folder)
+        from distributed_me.defenses.dawn import load_watermarks
+
+        served = load_watermarks(folder / "watermarks" / "dawn")
+        twin = load_watermarks(Path(os.environ["DME_HOME"]) / "watermarks" / "victim")
+        fp = key_fingerprint(keys[0], ledger_secret(folder))
+        assert list(served) == [fp] and len(served[fp][1]) > 0
+
+        def marked(sets):  # image bytes -> wrong label (records of one request may share a millisecond: no order)
+            return {i.tobytes(): int(lab) for i, lab in zip(*sets[fp], strict=True)}
+
+        assert marked(served) == marked(twin)
     finally:
         serve.delete("policies")
 

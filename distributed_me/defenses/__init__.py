@@ -3,7 +3,7 @@
 layer). MAD, adaptive misinformation and CIP are output policies that carry their own models and calibration data,
 a *kit* per victim (``kits.py``, built by ``dme defense train``)."""
 
-from . import cip, mad, misinformation, modelguard  # noqa: F401 - registers the model-carrying output policies and kits
+from . import cip, dawn, mad, misinformation, modelguard  # noqa: F401 - registers the model-carrying policies and kits
 from .detectors import DETECTORS, Detector, DetectorState, Verdict, parse_detector, parse_detectors
 from .kits import KITS, bind_kits, find_kit, load_kit, train_kit
 from .policies import (

@@ -79,6 +79,12 @@ class DefenseKit:
             self._cache[key] = np.load(self.path / f"{key}.npy", allow_pickle=False)
         return self._cache[key]
 
+    def blob(self, filename: str) -> bytes:
+        """A file of the kit as bytes (DAWN's secret)."""
+        if filename not in self._cache:
+            self._cache[filename] = (self.path / filename).read_bytes()
+        return self._cache[filename]
+
     def model(self, key: str) -> nn.Module:
         """A model of the victim's architecture (and normalization) with the kit's weights ``key.pt``, eval mode."""
         if key not in self._cache:

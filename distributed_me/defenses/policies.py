@@ -36,6 +36,10 @@ class PolicyContext:
     images: np.ndarray | None = None
     logits: np.ndarray | None = None
     kits: Mapping[str, Any] = field(default_factory=dict)
+    #: the client (its key's salted fingerprint behind Serve, ``""`` in process)
+    stream: str = ""
+    #: where watermarking policies record what they marked (``dawn.WatermarkSink``); ``None``: nowhere
+    sink: Any = None
 
     def image_tensor(self, policy: str) -> Any:
         """The queried images as a float tensor, for a policy that runs a model on them (``policy`` names it in the
@@ -58,6 +62,8 @@ class OutputPolicy(BaseModel):
     preserves_argmax: ClassVar[bool] = True
     #: the defense kit (models, calibration data; ``defenses/kits.py``) this policy reads, ``None`` for none
     needs_kit: ClassVar[str | None] = None
+    #: records evidence through the chain's watermark sink (DAWN)
+    needs_sink: ClassVar[bool] = False
 
     def transform(self, scores: np.ndarray, rng: RowStreams) -> np.ndarray:
         return scores
@@ -319,6 +325,7 @@ class PolicyChain:
         self.transforms, self.formatter = policies[:-1], policies[-1]
         self.seed = seed
         self.kits: dict[str, Any] = {}
+        self.sink: Any = None
 
     def kits_needed(self) -> dict[str, str]:
         """Kit name → the first policy of the chain that needs it."""
@@ -331,6 +338,15 @@ class PolicyChain:
     def bind(self, kits: Mapping[str, Any]) -> PolicyChain:
         """Give the chain its defense kits (``defenses.kits.bind_kits`` loads them for a victim)."""
         self.kits = dict(kits)
+        return self
+
+    @property
+    def needs_sink(self) -> bool:
+        return any(p.needs_sink for p in self.transforms)
+
+    def bind_sink(self, sink: Any) -> PolicyChain:
+        """Give the chain the watermark sink its watermarking policies record into (``dawn.FolderSink``)."""
+        self.sink = sink
         return self
 
     @property
@@ -364,7 +380,7 @@ class PolicyChain:
             raise DmeError(f"output policy chain {self.spec()!r} needs the defense kits {missing} bound first "
                            "(defenses.kits.bind_kits(chain, victim); the Serve deployment and LocalOracle do it)")
         rows = RowStreams(self.seed, stream, probs if queries is None else np.asarray(queries))
-        ctx = PolicyContext(None if queries is None else np.asarray(queries), logits, self.kits)
+        ctx = PolicyContext(None if queries is None else np.asarray(queries), logits, self.kits, stream, self.sink)
         scores = probs
         for t in self.transforms:
             scores = t.apply(scores, rows, ctx)

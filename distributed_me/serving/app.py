@@ -40,6 +40,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from ..defenses import bind_kits, find_kit, parse_policy
+from ..defenses.dawn import WATERMARK_DIR, FolderSink
 from ..defenses.kits import missing_kit_error
 from ..errors import DmeError
 from ..http_oracle import API_KEY_HEADER, CONCURRENCY_DETAIL
@@ -95,7 +96,7 @@ class VictimReplica:
     #: previous one within microseconds; a client's next request comes at least a network round trip later)
     IDLE_S = 0.001
 
-    def __init__(self, service: dict, bundle_path: str | None = None):
+    def __init__(self, service: dict, bundle_path: str | None = None, query_log: str | None = None):
         threads = int(os.environ.get("DME_TORCH_THREADS", "1"))
         torch.set_num_threads(threads)
         self.svc = VictimService.model_validate(service)
@@ -104,6 +105,9 @@ class VictimReplica:
         # defense kits (MAD's surrogate, AM's model, CIP's energies) load here: a missing one fails the deployment
         self.policy = bind_kits(parse_policy(self.svc.output_policy, seed=self.svc.policy_seed), self.victim)
         self.degraded = bind_kits(parse_policy(self.svc.degrade_policy, seed=self.svc.policy_seed), self.victim)
+        for chain in (self.policy, self.degraded):  # watermarking policies (DAWN) keep their evidence by the log
+            if chain.needs_sink:
+                chain.bind_sink(FolderSink(Path(query_log or ".") / WATERMARK_DIR / self.svc.name))
         self.meta = OracleInfo(name=self.svc.name, class_names=list(self.victim.class_names),
                                input_shape=tuple(self.victim.input_shape), returns=self.policy.returns,
                                policy=self.policy.describe())
@@ -516,7 +520,7 @@ def build_app(args: dict[str, Any]) -> Application:
         bundle = str(victim_bundle_path(svc.source))
         check_kits(svc, bundle)
         victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus, spec.resources)).bind(
-            svc.model_dump(), bundle)
+            svc.model_dump(), bundle, spec.query_log)
     placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
     accountant = Accountant.options(**placed).bind(spec.model_dump())
     watchman = (Watchman.options(**placed).bind(spec.model_dump()) if any(v.detectors for v in spec.victims)

@@ -35,6 +35,7 @@ from ..attacks import Timer
 from ..cost.history import DEVICE_TAG
 from ..data import load_pool
 from ..extraction import FACTORS, AttackSpec, DefenseCost, Evaluator, run_extraction
+from ..ownership import save_piracy_model
 from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
@@ -190,9 +191,8 @@ def run_trial(config: dict[str, Any]) -> None:
         result.seconds["total"] -= h.seconds.get("epoch_reports", 0.0)
         final = result.metrics()
         with h.phase("artifact"), tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "piracy_model.pt"
-            torch.save({"state_dict": result.model.state_dict(), "arch": f["arch"],  # type: ignore[union-attr]
-                        "num_classes": len(victim.class_names), "input_shape": list(victim.input_shape)}, path)
+            path = save_piracy_model(result.model, f["arch"], len(victim.class_names),  # type: ignore[arg-type]
+                                     victim.input_shape, Path(d) / "piracy_model.pt")
             run.artifact(path)
         final.update({f"harness_{k}": v for k, v in h.seconds.items()})
         final[HARNESS_METRIC] = sum(h.seconds.values())
