@@ -2,9 +2,10 @@
 ``probabilities`` API of the same victim.
 
 One Serve application hosts the victim once per defense (each its own deployment of one replica running one torch
-thread, the same batching): the stateless output policies (DP, quantization, noise), the model-carrying ones (MAD,
-MAD-argmax, AM, CIP, their kits built first if missing) and the per-key detectors (PRADA, the OOD-rate monitor) on the
-undefended policy. Every deployment gets the same load, round-robin so that drift on a shared machine hits all alike:
+thread, the same batching): the stateless output policies (DP, quantization, noise, ModelGuard-W's linear program,
+ModelGuard-S's codebook), the model-carrying ones (MAD, MAD-argmax, AM, CIP, DAWN with its evidence written per client;
+their kits built first if missing) and the per-key detectors (PRADA, the OOD-rate monitor) on the undefended policy.
+Every deployment gets the same load, round-robin so that drift on a shared machine hits all alike:
 HTTP clients sending batches of 64 images at concurrency 1 (latency) and 4 (throughput). The table gives images/s,
 p50 and p99 latency per request, and for each the ratio to plain probabilities, plus the latency the defense adds.
 
@@ -40,13 +41,14 @@ DEFENSES: dict[str, tuple[str, list[str]]] = {
     "cip": ("cip", []),
     "modelguard-w": ("modelguard-w", []),
     "modelguard-s": ("modelguard-s", []),
+    "dawn": ("dawn", []),
     "prada": ("probabilities", ["prada"]),
     "ood-rate": ("probabilities", ["ood-rate"]),
 }
 
 
 def _spec(source: str, query_log: str) -> dict:
-    # twelve deployments on a 2-CPU cluster: each asks for 0.08 CPU (a replica runs one torch thread whatever it asks
+    # thirteen deployments on a 2-CPU cluster: each asks for 0.08 CPU (a replica runs one torch thread whatever it asks
     # for); the load goes to one deployment at a time, so they do not compete
     victims = [{"name": name, "source": source, "output_policy": policy, "num_replicas": 1, "num_cpus": 0.08,
                 "max_batch_size": 256, "batch_wait_timeout_s": 0.005, "max_ongoing_requests": 256,
