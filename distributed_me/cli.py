@@ -132,12 +132,28 @@ def cmd_defense_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_version(args: argparse.Namespace, victim: Any, path: Path, defense: str, params: dict[str, Any],
+                      metrics: dict[str, float], history: dict[str, list[float]]) -> str | None:
+    """Register a model-side defense's bundle as the next version of the victim's registered model (or of its bundle
+    name), tagged with its parent and parameters; ``None`` with ``--no-mlflow``."""
+    from .defenses.kits import _registered_version
+    from .victims import register_victim
+
+    if args.no_mlflow:
+        return None
+    parent = _registered_version(args.victim)
+    name = args.name or (parent[0] if parent else victim.meta.name)
+    lineage = f"models:/{parent[0]}/{parent[1]}" if parent else f"sha256:{victim.meta.weights_sha256}"
+    tags = {"dme.defense": defense, "dme.parent": lineage, **{f"dme.{defense}.{k}": str(v) for k, v in params.items()}}
+    return register_victim(path, name, version_tags=tags, metrics=metrics, run_name=f"{defense} {name}",
+                           history=history)
+
+
 def cmd_defense_advft(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from .defenses.advft import AdvFTConfig, protect_victim
-    from .defenses.kits import _registered_version
-    from .victims import load_victim, register_victim
+    from .victims import load_victim
 
     try:  # unset flags are None and fall back to AdvFTConfig's defaults (the paper's)
         cfg = AdvFTConfig.from_given(margin=args.margin, epochs=args.epochs, gen_steps=args.gen_steps,
@@ -146,16 +162,9 @@ def cmd_defense_advft(args: argparse.Namespace) -> int:
         raise explain_validation_error(e, "AdvFT") from None
     victim = load_victim(args.victim, progress=not args.quiet)
     prot = protect_victim(victim, cfg, out=args.out, progress=not args.quiet)
-    uri = None
-    if not args.no_mlflow:
-        parent = _registered_version(args.victim)
-        name = args.name or (parent[0] if parent else victim.meta.name)
-        lineage = f"models:/{parent[0]}/{parent[1]}" if parent else f"sha256:{victim.meta.weights_sha256}"
-        tags = {"dme.defense": "advft", "dme.parent": lineage,
-                **{f"dme.advft.{k}": str(v) for k, v in cfg.model_dump().items()}}
-        h = prot.history
-        uri = register_victim(prot.path, name, version_tags=tags, metrics=prot.metrics, run_name=f"advft {name}",
-                              history={"advft.l_g": h.l_g, "advft.l_f1": h.l_f1, "advft.l_f2": h.l_f2})
+    h = prot.history
+    uri = _register_version(args, victim, prot.path, "advft", cfg.model_dump(), prot.metrics,
+                            {"advft.l_g": h.l_g, "advft.l_f1": h.l_f1, "advft.l_f2": h.l_f2})
     m = prot.metrics
     print(_table([("parent", f"{victim.meta.name} ({args.victim})"), ("protected bundle", str(prot.path)),
                   ("mlflow model", uri or "(not logged)"),
@@ -167,13 +176,62 @@ def cmd_defense_advft(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from .ownership import VERIFY_ALPHA, dawn_evidence, load_suspect, verify_dawn
+def cmd_defense_ewe(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .defenses.ewe import EWEConfig, watermark_victim
     from .victims import load_victim
 
-    sets = dawn_evidence(args.evidence)
+    try:  # unset flags are None and fall back to EWEConfig's defaults (the authors' MNIST values)
+        cfg = EWEConfig.from_given(w_epochs=args.w_epochs, batch_size=args.batch_size, ratio=args.ratio,
+                                   target=args.target, source_pool=args.source_pool, source_class=args.source_class,
+                                   references=args.references, seed=args.seed)
+    except ValidationError as e:
+        raise explain_validation_error(e, "EWE") from None
+    victim = load_victim(args.victim, progress=not args.quiet)
+    wm = watermark_victim(victim, cfg, out=args.out, progress=not args.quiet)
+    uri = _register_version(args, victim, wm.path, "ewe", cfg.model_dump(), wm.metrics,
+                            {"ewe.ce": wm.history.ce, "ewe.snnl": wm.history.snnl})
+    m = wm.metrics
+    print(_table([("parent", f"{victim.meta.name} ({args.victim or 'embedded'})"),
+                  ("watermarked bundle", str(wm.path)), ("mlflow model", uri or "(not logged)"),
+                  ("test accuracy", f"{m['acc_before']:.4f} -> {m['acc_after']:.4f}  (agreement "
+                                    f"{m['agreement']:.4f})"),
+                  ("KL_test / KL_train", f"{m['kl_test']:.3g} / {m['kl_train']:.3g} nats"),
+                  ("watermark success", f"{m['wm_victim']:.3f} on {int(m['triggers'])} triggers (original "
+                                        f"{m['wm_original']:.3f}, from-scratch max {m['wm_reference_max']:.3f})"),
+                  ("p0 (H0 of dme verify)", f"{m['p0']:.3g}")], "EWE"))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .defenses.ewe import EVIDENCE_FILE
+    from .ownership import VERIFY_ALPHA, dawn_evidence, ewe_evidence, load_suspect, verify_dawn, verify_ewe
+    from .victims import load_victim, victim_bundle_path
+
     victim = load_victim(args.victim, progress=not args.quiet)
     alpha = VERIFY_ALPHA if args.alpha is None else args.alpha
+    evidence = args.evidence
+    if evidence is None:  # an EWE-watermarked version carries its own evidence
+        bundle = victim_bundle_path(args.victim)
+        if not (bundle / EVIDENCE_FILE).is_file():
+            raise DmeError(f"victim {args.victim or 'embedded'} carries no EWE watermark ({EVIDENCE_FILE} in its "
+                           "bundle): pass --evidence (DAWN: the deployment's <query_log>/watermarks/<victim name>)")
+        evidence = str(bundle)
+    path = Path(evidence)
+    if path.is_file() or (path / EVIDENCE_FILE).is_file():
+        ev = ewe_evidence(path)
+        r = verify_ewe(load_suspect(args.suspect), ev, alpha)
+        print(_table([("triggers", f"{r.matches}/{r.samples} answered with class {ev.target} ({r.agreement:.1%}), "
+                                   f"p = {r.p_value:.3g}: " + ("EXTRACTED" if r.extracted else "not shown")),
+                      ("vs p0", f"p = {r.p_reference:.3g}: H0 answers each trigger with class {ev.target} with "
+                                f"probability at most p0 = {ev.p0:.3g} (the threshold, the original model, "
+                                f"{len(ev.info.get('reference_rates', []))} from-scratch models)"),
+                      ("vs controls", f"p = {r.p_control:.3g}: {r.control_matches}/{r.control_samples} control "
+                                      "images (test images of the other classes) answered with it")],
+                     f"EWE evidence for {args.suspect} vs {victim.meta.name} (alpha {alpha:g})"))
+        return 0
+    sets = dawn_evidence(evidence)
     rows = verify_dawn(load_suspect(args.suspect), sets, victim.meta.num_classes, alpha)
     print(_table([(f"client {r.stream[:16]}" if r.stream != "all" else "all clients",
                    f"{r.matches}/{r.samples} watermark labels matched ({r.agreement:.1%}), p = {r.p_value:.3g}: "
@@ -475,6 +533,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_args(p: argparse.ArgumentParser, defense: str) -> None:
+    """The flags every model-side defense command shares (the victim, the new version's name and bundle, …)."""
+    _victim_arg(p)
+    p.add_argument("--name", help="registered model name of the new version (default: the victim's registered name, "
+                                  "else its bundle name)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help=f"bundle folder of the new version (default under $DME_HOME/victims/{defense}/)")
+    p.add_argument("--no-mlflow", action="store_true", help="write the bundle only")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dme", description="Benchmark model-extraction attacks and defenses.",
                                 formatter_class=HelpFormatter)
@@ -523,26 +592,36 @@ def build_parser() -> argparse.ArgumentParser:
     da = des.add_parser("advft", parents=[common], formatter_class=HelpFormatter,
                         help="AdvFT (paper 002): fine-tune a protected copy of a victim and register it as the next "
                              "version of the victim's registered model, with its lineage and costs")
-    _victim_arg(da)
-    da.add_argument("--name", help="registered model name of the new version (default: the victim's registered name, "
-                                   "else its bundle name)")
+    _version_args(da, "advft")
     da.add_argument("--margin", type=float, help="m of eq. (2) (default 100, the paper's)")
     da.add_argument("--epochs", type=int, help="N, AdvFT epochs (default 30, the paper's CIFAR10 value)")
     da.add_argument("--gen-steps", type=int, help="I_G per epoch (default: one pass over the training batches)")
     da.add_argument("--model-steps", type=int, help="I_F per epoch (default: one pass over the training batches)")
     da.add_argument("--batch-size", type=int, help="real and generated images per step (default 128)")
-    da.add_argument("--seed", type=int)
-    da.add_argument("--out", help="bundle folder of the protected model (default under $DME_HOME/victims/advft/)")
-    da.add_argument("--no-mlflow", action="store_true", help="write the bundle only")
-    da.add_argument("-q", "--quiet", action="store_true")
     da.set_defaults(func=cmd_defense_advft)
 
-    ve = command("verify", help="was SUSPECT extracted from the victim? a p-value from the watermark evidence (DAWN)")
+    dw = des.add_parser("ewe", parents=[common], formatter_class=HelpFormatter,
+                        help="EWE (Jia et al. 2021): entangle a trigger set with a class in a copy of a victim and "
+                             "register it as the next version, with its trigger set as ownership evidence")
+    _version_args(dw, "ewe")
+    dw.add_argument("--w-epochs", type=int, help="epochs of watermarked training (default 10, the authors' MNIST)")
+    dw.add_argument("--batch-size", type=int, help="default 512 (the authors' MNIST), capped at the training set")
+    dw.add_argument("--ratio", type=float, help="normal batches per watermark batch (default 1)")
+    dw.add_argument("--target", type=int, help="class the triggers are answered with (default 7)")
+    dw.add_argument("--source-pool", help="pool the triggers come from, out of distribution (default: the embedded "
+                                          "'photos')")
+    dw.add_argument("--source-class", type=int, help="class of a labeled source pool (default: any image)")
+    dw.add_argument("--references", type=int, help="from-scratch models that calibrate p0 (default 3)")
+    dw.set_defaults(func=cmd_defense_ewe)
+
+    ve = command("verify", help="was SUSPECT extracted from the victim? a p-value from the watermark evidence (DAWN's "
+                                "records, or an EWE version's trigger set)")
     ve.add_argument("suspect", help="piracy model file (piracy_model.pt, or runs:/RUN/piracy_model.pt) or any victim "
                                     "source (bundle, registered name, models:/ URI)")
     _victim_arg(ve)
-    ve.add_argument("--evidence", required=True, help="the DAWN records: <query_log>/watermarks/<victim name> of the "
-                                                      "deployment (or LocalOracle's $DME_HOME/watermarks/NAME)")
+    ve.add_argument("--evidence", help="DAWN: the records, <query_log>/watermarks/<victim name> of the deployment (or "
+                                       "LocalOracle's $DME_HOME/watermarks/NAME); EWE: the ewe_watermark.npz or its "
+                                       "bundle (default: the victim's own, when it is an EWE version)")
     ve.add_argument("--alpha", type=float, help="significance level of the verdict (default 1e-3)")
     ve.add_argument("-q", "--quiet", action="store_true")
     ve.set_defaults(func=cmd_verify)

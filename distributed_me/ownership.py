@@ -5,6 +5,13 @@ The suspect is asked for its labels on those queries; under H0 ("not trained on 
 wrong labels are below ``Binomial(n, 1/(K − 1))`` (the module's argument), so the binomial tail is the p-value,
 per client and over all clients together. The verdict is "extracted" when the p-value is below ``alpha``.
 
+EWE (:mod:`distributed_me.defenses.ewe`): the watermarked version's bundle carries its trigger set, target class and
+``p0`` (calibrated when the watermark was made). The suspect is asked for its labels on the triggers; under H0 it
+answers each with the target with probability at most ``p0``, so ``P(Binomial(n, p0) ≥ matches)`` is one p-value;
+a one-sided Fisher exact test of the suspect's target answers on the triggers against its answers on the evidence's
+control images is the other (a suspect that answers any such image with the target shows nothing); the verdict's
+p-value is the larger one.
+
 A suspect is a piracy model file as sweeps and ``dme attack`` store it (``piracy_model.pt``, local or
 ``runs:/RUN/piracy_model.pt``) or anything a victim can be (bundle folder, registered name, ``models:/`` URI).
 """
@@ -21,6 +28,7 @@ import torch
 
 from .data.base import Normalization
 from .defenses.dawn import binomial_pvalue, load_watermarks
+from .defenses.ewe import EVIDENCE_FILE
 from .errors import DmeError
 from .models import NormalizedModel, create_model
 from .train import predict_probs
@@ -115,4 +123,67 @@ def verify_dawn(predict: Predict, sets: WatermarkSets, num_classes: int,
     return rows
 
 
-__all__ = ["VERIFY_ALPHA", "Evidence", "dawn_evidence", "load_suspect", "save_piracy_model", "verify_dawn"]
+@dataclass(frozen=True)
+class EWEEvidence:
+    """An EWE watermark as the owner keeps it (:data:`~distributed_me.defenses.ewe.EVIDENCE_FILE`)."""
+
+    trigger: np.ndarray
+    control: np.ndarray
+    target: int
+    p0: float
+    info: dict
+
+
+def ewe_evidence(path: str | Path) -> EWEEvidence:
+    """The EWE evidence in ``path``: the file itself or a victim bundle folder that holds it."""
+    import json
+
+    path = Path(path)
+    file = path / EVIDENCE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise DmeError(f"no EWE evidence at {path}: expected {EVIDENCE_FILE} (written into the bundle by "
+                       "`dme defense ewe`) or the bundle folder holding it")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            return EWEEvidence(z["trigger"].astype(np.float32), z["control"].astype(np.float32), int(z["target"]),
+                               float(z["p0"]), json.loads(str(z["info"])))
+    except (KeyError, ValueError, OSError) as e:
+        raise DmeError(f"{file} is not EWE evidence (trigger, target, p0, info): {type(e).__name__}: {e}") from None
+
+
+def binomial_tail(matches: int, n: int, p0: float) -> float:
+    """``P(Binomial(n, p0) ≥ matches)``."""
+    from scipy.stats import binom
+
+    return 1.0 if n == 0 else float(binom.sf(matches - 1, n, p0))
+
+
+@dataclass
+class EWEVerdict(Evidence):
+    """:class:`Evidence` on the triggers, with the two p-values behind ``p_value`` (their maximum)."""
+
+    control_samples: int = 0
+    control_matches: int = 0
+    p_reference: float = float("nan")
+    p_control: float = float("nan")
+
+
+def verify_ewe(predict: Predict, evidence: EWEEvidence, alpha: float = VERIFY_ALPHA) -> EWEVerdict:
+    """The suspect's target answers on the triggers, against ``Binomial(n, p0)`` and against its own answers on the
+    controls (one-sided Fisher exact test); the p-value is the larger of the two (module docstring)."""
+    from scipy.stats import fisher_exact
+
+    on_trigger = predict(torch.from_numpy(evidence.trigger)) == evidence.target
+    on_control = predict(torch.from_numpy(evidence.control)) == evidence.target
+    n, m = len(on_trigger), int(on_trigger.sum())
+    nc, mc = len(on_control), int(on_control.sum())
+    p_ref = binomial_tail(m, n, evidence.p0)
+    p_ctrl = float(fisher_exact([[m, n - m], [mc, nc - mc]], alternative="greater")[1]) if n and nc else 1.0
+    p = max(p_ref, p_ctrl)
+    log.info("EWE verification: %d of %d triggers and %d of %d controls answered with class %d, p = %.3g "
+             "(against p0 %.3g; against the controls %.3g)", m, n, mc, nc, evidence.target, p, p_ref, p_ctrl)
+    return EWEVerdict("ewe", n, m, p, p < alpha, nc, mc, p_ref, p_ctrl)
+
+
+__all__ = ["VERIFY_ALPHA", "EWEEvidence", "EWEVerdict", "Evidence", "binomial_tail", "dawn_evidence", "ewe_evidence",
+           "load_suspect", "save_piracy_model", "verify_dawn", "verify_ewe"]

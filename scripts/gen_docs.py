@@ -31,6 +31,8 @@ from distributed_me.attacks import ATTACKS  # noqa: E402
 from distributed_me.cli import build_parser  # noqa: E402
 from distributed_me.data import DATASETS, POOLS  # noqa: E402
 from distributed_me.defenses import DETECTORS, KITS, POLICIES  # noqa: E402
+from distributed_me.defenses.advft import AdvFTConfig  # noqa: E402
+from distributed_me.defenses.ewe import EWEConfig  # noqa: E402
 from distributed_me.extraction import FACTORS, METRIC_NAMES, AttackSpec  # noqa: E402
 from distributed_me.models import MODELS, model_info  # noqa: E402
 from distributed_me.serving.spec import ServeSpec  # noqa: E402
@@ -236,6 +238,12 @@ def page_defenses() -> str:
     for name in DETECTORS.names():
         cls = DETECTORS.get(name)
         parts += [f"### `{name}`", class_doc(cls), options_table(cls)]
+    parts += ["## Model-side defenses", "A new version of the victim, registered beside the original: "
+              "`dme defense advft` and `dme defense ewe` (see `dme defense --help`).",
+              "### AdvFT (`dme defense advft`)", module_doc("distributed_me/defenses/advft.py"),
+              options_table(AdvFTConfig),
+              "### EWE (`dme defense ewe`)", module_doc("distributed_me/defenses/ewe.py"), options_table(EWEConfig),
+              "## Ownership verification (`dme verify`)", module_doc("distributed_me/ownership.py")]
     return "\n\n".join(parts)
 
 

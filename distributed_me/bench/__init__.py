@@ -20,7 +20,7 @@ from ..registry import Registry
 log = logging.getLogger(__name__)
 
 BENCHES: Registry = Registry("benchmark")
-_MODULES = ("cost", "extraction", "mlflow_ui", "scale", "selection", "serve", "serve_defenses", "sweep")
+_MODULES = ("cost", "extraction", "mlflow_ui", "ownership", "scale", "selection", "serve", "serve_defenses", "sweep")
 
 
 def run_bench(name: str, args: argparse.Namespace) -> dict:

@@ -38,8 +38,6 @@ paper does not give the rest; our choices, visible:
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,8 +51,9 @@ from torch import nn
 from ..device import get_device
 from ..metrics import KL_TRAIN_IMAGES
 from ..models.generator import Generator, to_images
-from ..victims.bundle import Victim, load_bundle, save_bundle
+from ..victims.bundle import Victim, load_bundle
 from .mad import _last_linear
+from .versions import save_defended_bundle
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +241,6 @@ def protect_victim(victim: Victim, cfg: AdvFTConfig | None = None, *, out: str |
     ``kl_train`` (KL(M_R ‖ M_F) of their softmax on the test split and on up to ``KL_TRAIN_IMAGES`` training images,
     as the defender's metrics of output policies are)."""
     from ..metrics import accuracy, kl_divergence
-    from ..tracking import dme_home
     from ..train import predict_probs
     from .kits import _defender_data
 
@@ -262,15 +260,7 @@ def protect_victim(victim: Victim, cfg: AdvFTConfig | None = None, *, out: str |
                "agreement": float((p_r.argmax(1) == p_f.argmax(1)).float().mean()),
                "kl_test": kl_divergence(p_r, p_f),
                "kl_train": kl_divergence(predict_probs(victim.model, x_kl), predict_probs(model, x_kl))}
-    params = cfg.model_dump()
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    parent = victim.meta.weights_sha256
-    dst = Path(out) if out is not None else dme_home() / "victims" / "advft" / f"{parent[:16]}-{digest}"
-    meta = victim.meta.model_copy(update={
-        "test_accuracy": metrics["acc_mf"],
-        "train_config": {"defense": "advft", "parent_weights_sha256": parent, "parent_train_config":
-                         victim.meta.train_config, **params}})
-    path = save_bundle(dst, model, meta)
+    path = save_defended_bundle(victim, model, "advft", cfg.model_dump(), metrics["acc_mf"], out)
     log.info("AdvFT: %s", ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     return Protected(load_bundle(path), path, metrics, hist, cfg)
 
