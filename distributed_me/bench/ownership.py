@@ -50,7 +50,8 @@ def bench_ownership(args: argparse.Namespace) -> dict:
     judge("original victim", original.model, 0.0)
     for pool, budget in CLONES:
         t = time.perf_counter()
-        res = attack_in_process(AttackSpec(strategy="random", budget=budget, arch=original.meta.arch, epochs=30),
+        # AttackSpec's default strategy, random queries (EWE's code labels its training set: random, in distribution)
+        res = attack_in_process(AttackSpec(budget=budget, arch=original.meta.arch, epochs=30),
                                 victim=str(marked.path), pool=pool, log_mlflow=False)
         judge(f"clone {pool} {budget}", res.model, time.perf_counter() - t, fidelity=res.fidelity)
     for seed in range(INDEPENDENT):
