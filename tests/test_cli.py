@@ -21,8 +21,14 @@ def run(capsys, *argv):
 
 @pytest.mark.slow
 def test_attack_json_on_embedded_default(capsys):
+    """The JSON is the run's result: every figure equals what the same run logged to MLflow. A tiny_cnn trained for 2
+    epochs on 200 answers stays at chance (measured over seeds 0-5: accuracy 0.100-0.102, the clone predicts one
+    class), so learning is not what this shows (test_extraction's registry-wide test does); what holds for any clone
+    is checked instead: accuracy and fidelity, scored on the same test images, differ by at most the victim's error."""
+    import mlflow
+
     code, out, _ = run(capsys, "attack", "--budget", "200", "--epochs", "2", "--json", "--adv-samples", "50",
-                       "--arch", "tiny_cnn")
+                       "--arch", "tiny_cnn", "--experiment", "cli-json-on-embedded-default")
     assert code == 0
     r = json.loads(out)
     from distributed_me.extraction import METRIC_NAMES, TIME_NAMES
@@ -31,7 +37,15 @@ def test_attack_json_on_embedded_default(capsys):
     assert r["queries_used"] == 200 and r["budget"] == 200
     phases = [r[t] for t in TIME_NAMES if t != "seconds_total"]
     assert all(p > 0 for p in phases) and sum(phases) <= r["seconds_total"]  # disjoint phases inside the total
-    assert r["victim_accuracy"] > 0.9 and 0 < r["accuracy"] <= 1  # the embedded victim is 0.99 accurate
+    assert r["victim_accuracy"] > 0.9  # the embedded victim is 0.99 accurate
+    assert abs(r["accuracy"] - r["fidelity"]) <= 1 - r["victim_accuracy"] + 1e-6
+    client = mlflow.MlflowClient()
+    (logged,) = client.search_runs([client.get_experiment_by_name("cli-json-on-embedded-default").experiment_id])
+    assert logged.info.status == "FINISHED"
+    metrics = {k: v for k, v in r.items() if k not in ("budget", "spec")}
+    assert {k: logged.data.metrics[k] for k in metrics} == metrics
+    assert (logged.data.params["budget"], logged.data.params["epochs"], logged.data.params["arch"]) == \
+        ("200", "2", "tiny_cnn")
     assert r["victim_utility"] == pytest.approx(r["victim_accuracy"])  # full probabilities: the API's top-1
     assert r["spec"]["arch"] == "tiny_cnn" and r["spec"]["epochs"] == 2 and r["spec"]["optimizer"] == "adam"
 

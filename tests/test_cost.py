@@ -1,18 +1,24 @@
-"""The cost model: work as sizes, priced by throughput measured here, checked against what the work really takes."""
+"""The cost model: work as sizes, priced by throughput measured here, checked against what the work really takes.
+
+How close a projection comes to the clock is a measurement, not an assertion: `dme bench cost` reports actual /
+projected per strategy and phase (README, "Measured on this project's machine"); no test here asserts a duration."""
 
 from __future__ import annotations
 
 import json
-import time
+import math
 
 import numpy as np
 import pytest
+import torch
 from helpers import fixed_rates
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from distributed_me.attacks import ATTACKS, QueryStrategy
 from distributed_me.cost import work
 from distributed_me.cost.guard import CostLimitError, check_limit, limit_seconds
-from distributed_me.cost.plan import PROJECTED, PROJECTED_RAW, cost_job, extraction_work, project
+from distributed_me.cost.plan import cost_job, extraction_work, project
 from distributed_me.cost.rates import Device, Rates, forward_flops
 from distributed_me.cost.work import CostJob, Net, Projection, Work
 from distributed_me.data import ArrayPool, load_pool
@@ -43,13 +49,33 @@ def test_pricing_of_each_kind_by_hand():
     assert r.seconds(work.seconds(7, "setup", "x")) == 7
 
 
+class _DevicesSeen(TorchDispatchMode):
+    """Records every aten op run while active, with the devices of the tensors it read and wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, list[torch.Tensor]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.name(), [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]))
+        return out
+
+
 def test_flops_are_counted_not_computed():
     small, large = Net("cnn32", 16, 1, 10), Net("cnn32", 32, 1, 10)
     # convolutions scale with the pixel count: 4x the pixels, between 3x and 4.1x the FLOPs (the head is fixed)
     assert 3.0 < forward_flops(large) / forward_flops(small) < 4.1
-    t0 = time.perf_counter()
-    forward_flops(Net("vit_large_patch16", 224, 3, 1000))  # ~123 GFLOPs: on the meta device, no arithmetic
-    assert time.perf_counter() - t0 < 20
+    # ViT-L/16 at 224 (61.6 GMACs): built and run on the meta device, so no weight is initialized and no product
+    # computed. Proof without a stopwatch: every op run inside goes through this mode, and none touched real memory
+    # beyond timm's 24 drop-path rates (a CPU linspace of 24 read out as floats as the model is built)
+    with _DevicesSeen() as seen:
+        flops = forward_flops(Net("vit_large_patch16", 224, 3, 1000))
+    real = [(op, t.device.type, tuple(t.shape)) for op, ts in seen.ops for t in ts if t.device.type != "meta"]
+    assert max((math.prod(shape) for *_, shape in real), default=0) <= 24, real[:10]
+    on_meta = {op for op, ts in seen.ops if ts and all(t.device.type == "meta" for t in ts)}
+    assert {"aten::uniform_", "aten::addmm", "aten::bmm", "aten::convolution"} <= on_meta  # the mode saw the work
+    assert flops == pytest.approx(1.231e11, rel=0.02)
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -119,24 +145,6 @@ def test_cached_reference_set_and_features_cost_nothing(tmp_path):
     assert s.prepare_cost(pool) == []
 
 
-@pytest.mark.parametrize("strategy", ["random", "activethief-kcenter"])
-def test_a_tiny_trial_is_projected_within_a_factor_of_2(victim, strategy):
-    """The cost model against the clock: a real extraction on the embedded victim, projected first (throughput
-    measured here, cached), then run. Measured on the project's 2-core machine: ratio actual / projected 1.0-1.4."""
-    pool = load_pool("digits-unseen")
-    spec = AttackSpec(strategy=strategy, budget=600, arch="cnn32", epochs=8, adv_eval_samples=200,
-                      strategy_options={"n_seed": 200, "per_round": 200, "epochs_per_round": 2}
-                      if strategy != "random" else {})
-    attack_in_process(AttackSpec(budget=50, arch="cnn32", epochs=1), victim=victim, pool=pool,
-                      log_mlflow=False)  # warm: the first training of a process pays one-time costs
-    result = attack_in_process(spec, victim=victim, pool=pool, log_mlflow=False)
-    metrics = result.metrics()
-    projected, actual = metrics[f"{PROJECTED_RAW}total"], metrics["seconds_total"]
-    assert 0.5 < actual / projected < 2.0, (projected, actual, metrics)
-    assert 0.5 < metrics["seconds_train"] / metrics[f"{PROJECTED_RAW}train"] < 2.0, metrics
-    assert metrics[f"{PROJECTED}total"] > 0
-
-
 def test_a_projection_over_the_limit_is_refused_before_any_work(victim, monkeypatch):
     """SwiftTheft with the paper's reference set (8 ResNet-34, 100 epochs) on a CPU: refused with the projection,
     the cpu-small options and the flag, before a reference model trains or the API sees a query."""
@@ -152,7 +160,6 @@ def test_a_projection_over_the_limit_is_refused_before_any_work(victim, monkeypa
     rng = np.random.default_rng(0)
     pool = ArrayPool(rng.integers(0, 256, (4000, 32, 32, 3), dtype=np.uint8), name="labeled",
                      labels=rng.integers(0, 10, 4000))
-    t0 = time.perf_counter()
     with pytest.raises(CostLimitError) as e:
         attack_in_process(AttackSpec(strategy="swifttheft", budget=1000), victim=victim, pool=pool, log_mlflow=False,
                           max_hours=1.0)
@@ -160,7 +167,7 @@ def test_a_projection_over_the_limit_is_refused_before_any_work(victim, monkeypa
     assert "projected to take" in msg and "over the limit of 60 min" in msg and "nothing was started" in msg
     assert "--strategy-option reference_arch=cnn32" in msg and "--no-cost-limit" in msg
     assert "\n" not in msg  # one `error:` line on the command line
-    assert queried == [] and time.perf_counter() - t0 < 120
+    assert queried == []  # and no reference model trained (no_training above): refused before any work
 
 
 def test_limit_from_flag_environment_and_default(monkeypatch):

@@ -58,7 +58,7 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def connections(monkeypatch) -> list:
+def connections(monkeypatch):
     """Every outgoing connection attempted in the test, refused. Offline "fails fast" means: none is attempted, so no
     timeout can be waited on (a stopwatch on a busy 2-core machine proves less)."""
     import socket
@@ -76,7 +76,9 @@ def connections(monkeypatch) -> list:
     monkeypatch.setattr(socket.socket, "connect", refused)
     monkeypatch.setattr(socket.socket, "connect_ex", refused)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    return attempts
+    clear_offline_cache()  # a probe answer cached by an earlier test must not stand in for a connection attempt here
+    yield attempts
+    clear_offline_cache()
 
 
 def test_registry_has_all_entries():

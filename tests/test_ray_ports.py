@@ -19,6 +19,9 @@ pytestmark = [pytest.mark.ray]
 AGENT_PORT = 52365
 
 SCRIPT = textwrap.dedent("""
+    import time
+    from pathlib import Path
+
     import ray
     from ray import serve
 
@@ -34,6 +37,12 @@ SCRIPT = textwrap.dedent("""
     serve.start(proxy_location="Disabled")
     handle = serve.run(Echo.bind(), name="ports", route_prefix=None)
     print("answer", handle.remote(41).result(timeout_s=60), ray.get(ray.remote(lambda: "task ok").remote()))
+    # what the cluster's agent got: it writes the port it serves on, -1 when it could not bind (after its retries)
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    deadline = time.monotonic() + 120
+    while not (found := list(session.glob("dashboard_agent_listen_port_*"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print("agent port", found[0].read_text().strip() if found else "never written")
     shutdown()
 """)
 
@@ -54,3 +63,7 @@ def test_a_private_cluster_serves_while_rays_default_agent_port_is_taken():
         holder.close()
     assert proc.returncode == 0, f"port {AGENT_PORT} held {held}:\n{proc.stderr[-3000:]}"
     assert "answer 42 task ok" in proc.stdout
+    # not vacuous: the cluster's agent did try the taken port and ran without it. (A port held by another process can
+    # be let go while the agent retries, and then taken by it: only a port this test holds must stay refused.)
+    (agent,) = [ln.split()[-1] for ln in proc.stdout.splitlines() if ln.startswith("agent port ")]
+    assert (agent == "-1") if held == "by this test" else (agent in ("-1", str(AGENT_PORT))), (held, agent)

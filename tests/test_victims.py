@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distributed_me.errors import BundleError
+from distributed_me.runner import evaluator_for
 from distributed_me.train import TrainConfig
 from distributed_me.victims import load_bundle, load_victim, register_victim, train_victim
 
@@ -23,7 +24,10 @@ def test_bundle_has_metadata_and_reloads_identically(tiny_victim):
     meta = json.loads((path / "victim.json").read_text())
     assert meta["arch"] == "tiny_cnn" and meta["img_size"] == 8 and meta["in_chans"] == 1
     assert meta["class_names"] == [str(i) for i in range(10)] and meta["split_seed"] == 0
-    assert 0.0 < meta["test_accuracy"] <= 1.0 and len(meta["weights_sha256"]) == 64
+    assert len(meta["weights_sha256"]) == 64
+    # the recorded accuracy is the bundle's own on its test split, rebuilt from the recorded dataset and split seed
+    # (this tiny victim, 3 epochs at 8 px, reaches only ~0.14: its value is not the point, its provenance is)
+    assert meta["test_accuracy"] == pytest.approx(evaluator_for(load_bundle(path)).victim_accuracy)
     assert set(meta["normalization"]) == {"mean", "std"}
     x = torch.rand(7, 1, 8, 8)
     torch.testing.assert_close(load_bundle(path).predict_probs(x), victim.predict_probs(x))
