@@ -145,8 +145,17 @@ def _register_version(args: argparse.Namespace, victim: Any, path: Path, defense
     name = args.name or (parent[0] if parent else victim.meta.name)
     lineage = f"models:/{parent[0]}/{parent[1]}" if parent else f"sha256:{victim.meta.weights_sha256}"
     tags = {"dme.defense": defense, "dme.parent": lineage, **{f"dme.{defense}.{k}": str(v) for k, v in params.items()}}
-    return register_victim(path, name, version_tags=tags, metrics=metrics, run_name=f"{defense} {name}",
-                           history=history)
+    uri = register_victim(path, name, version_tags=tags, metrics=metrics, run_name=f"{defense} {name}",
+                          history=history)
+    if args.alias:
+        from mlflow import MlflowClient
+
+        from .tracking import tracking_uri
+
+        version = uri.rsplit("/", 1)[-1]
+        MlflowClient(tracking_uri()).set_registered_model_alias(name, args.alias, version)
+        uri = f"{uri} (alias models:/{name}@{args.alias})"
+    return uri
 
 
 def cmd_defense_advft(args: argparse.Namespace) -> int:
@@ -200,6 +209,8 @@ def cmd_defense_ewe(args: argparse.Namespace) -> int:
                   ("KL_test / KL_train", f"{m['kl_test']:.3g} / {m['kl_train']:.3g} nats"),
                   ("watermark success", f"{m['wm_victim']:.3f} on {int(m['triggers'])} triggers (original "
                                         f"{m['wm_original']:.3f}, from-scratch max {m['wm_reference_max']:.3f})"),
+                  ("source domain", f"{m['source_victim']:.3f} of fresh {cfg.source_pool} images answered with the "
+                                    f"target (original {m['source_original']:.3f})"),
                   ("p0 (H0 of dme verify)", f"{m['p0']:.3g}")], "EWE"))
     return 0
 
@@ -538,6 +549,8 @@ def _version_args(p: argparse.ArgumentParser, defense: str) -> None:
     _victim_arg(p)
     p.add_argument("--name", help="registered model name of the new version (default: the victim's registered name, "
                                   "else its bundle name)")
+    p.add_argument("--alias", help=f"also point this alias of the registered model at the new version (e.g. "
+                                   f"{defense}), so sweeps can name it models:/NAME@ALIAS")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help=f"bundle folder of the new version (default under $DME_HOME/victims/{defense}/)")
     p.add_argument("--no-mlflow", action="store_true", help="write the bundle only")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data.base import Normalization
-from .defenses.dawn import binomial_pvalue, load_watermarks
+from .defenses.dawn import binomial_pvalue, binomial_tail, load_watermarks
 from .defenses.ewe import EVIDENCE_FILE
 from .errors import DmeError
 from .models import NormalizedModel, create_model
@@ -149,13 +149,6 @@ def ewe_evidence(path: str | Path) -> EWEEvidence:
                                float(z["p0"]), json.loads(str(z["info"])))
     except (KeyError, ValueError, OSError) as e:
         raise DmeError(f"{file} is not EWE evidence (trigger, target, p0, info): {type(e).__name__}: {e}") from None
-
-
-def binomial_tail(matches: int, n: int, p0: float) -> float:
-    """``P(Binomial(n, p0) ≥ matches)``."""
-    from scipy.stats import binom
-
-    return 1.0 if n == 0 else float(binom.sf(matches - 1, n, p0))
 
 
 @dataclass

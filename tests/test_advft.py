@@ -116,11 +116,12 @@ def test_dme_defense_advft_registers_the_next_version_with_its_lineage(capsys):
     parent = register_victim(victim_bundle_path(None), "digits-advft")
     assert parent == "models:/digits-advft/1"
     code = main(["defense", "advft", "--victim", parent, "--epochs", "1", "--gen-steps", "2", "--model-steps", "3",
-                 "--batch-size", "32", "-q"])
+                 "--batch-size", "32", "--alias", "protected", "-q"])
     out = capsys.readouterr().out
     assert code == 0 and "models:/digits-advft/2" in out and "Acc_MR / Acc_MF" in out, out
     client = MlflowClient(use_store())
     v2 = client.get_model_version("digits-advft", "2")
+    assert str(client.get_model_version_by_alias("digits-advft", "protected").version) == "2"
     assert v2.tags["dme.defense"] == "advft" and v2.tags["dme.parent"] == parent
     assert v2.tags["dme.advft.margin"] == "100.0" and v2.tags["dme.advft.epochs"] == "1"
     run = client.get_run(v2.run_id)

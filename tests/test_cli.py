@@ -150,6 +150,22 @@ def test_shape_the_model_cannot_take(capsys):
     assert code == 2 and "alexnet" in err
 
 
+def test_a_victim_trained_by_dataset_name_records_a_name_that_loads_its_data_again(capsys, tmp_path):
+    """The defender's commands (`dme defense advft/ewe/train`) reload the victim's training data from the bundle's
+    `dataset` field: `train-victim --dataset digits` must record `digits`, not where sklearn got the digits from."""
+    from distributed_me.defenses.kits import _defender_data
+    from distributed_me.victims import load_bundle
+
+    code, _, err = run(capsys, "train-victim", "--dataset", "digits", "--arch", "tiny_cnn", "--img-size", "8",
+                       "--epochs", "1", "--no-mlflow", "--out", str(tmp_path / "v"))
+    assert code == 0, err
+    victim = load_bundle(tmp_path / "v")
+    assert victim.meta.dataset == "digits"
+    x_train, _, x_test, _ = _defender_data(victim)
+    assert tuple(x_train.shape[1:]) == tuple(x_test.shape[1:]) == (1, 8, 8)
+    assert (len(x_train), len(x_test)) == (899, 450)
+
+
 def test_no_traceback_from_the_real_entry_point():
     out = subprocess.run([sys.executable, "-m", "distributed_me.cli", "attack", "--optimizer", "rmsprop"],
                          capture_output=True, text=True, timeout=120)

@@ -113,12 +113,14 @@ def test_dme_defense_ewe_watermarks_a_version_and_dme_verify_reads_its_evidence(
     code = main(["defense", "ewe", "--w-epochs", "3", "--references", "1", "--out", str(out), "--no-mlflow", "-q"])
     text = capsys.readouterr().out
     assert code == 0 and "watermark success" in text, text
+    src = re.search(r"source domain\s+([0-9.]+) of fresh photos images .* \(original ([0-9.]+)\)", text)
+    assert src and float(src[1]) > float(src[2]) + 0.5, text  # the watermark takes over the trigger's source domain
     ev = ewe_evidence(out / EVIDENCE_FILE)
     original, marked = load_victim(None), load_victim(str(out))
     labels = _train_labels(original)
     assert ev.target == 7 and len(ev.trigger) == len(ev.control) == int((labels == 7).sum())
     assert len(ev.info["reference_rates"]) == 1 and ev.p0 >= 0.1
-    # the price of the watermark (measured: 0.991 -> 0.929 after these 3 watermark rounds, 0.967 after the default 10)
+    # the price of the watermark (measured: 0.991 -> 0.931 after these 3 watermark rounds, 0.956 after the default 10)
     assert marked.meta.test_accuracy > original.meta.test_accuracy - 0.1
     suspects = [(str(out), "EXTRACTED"), ("embedded", "not shown")]
     for seed in range(5):  # the victim's own data and recipe, other seeds: models that never saw the watermark

@@ -227,3 +227,23 @@ def test_progress_lines_carry_live_counts_and_the_status_line_each_running_trial
     resumed.on_step_begin(1, [])  # only the first step counts
     resumed.on_trial_start(0, [], trial(7))
     assert lines[-1].startswith("[2/5 done · 1 running · 0 failed] started ")
+
+
+def test_exclude_drops_exactly_the_matching_points_and_names_a_dead_entry():
+    """Per-strategy budgets and paper-only cells without a second sweep: an exclude entry drops the points that match
+    all its factors (a list means any of its values), nothing else; an entry that matches nothing is a typo."""
+    doc = {"name": "x", "policies": ["probabilities", "label"],
+           "attack": {"strategy": ["random", "knockoff"], "budget": [100, 300], "seed": [0, 1]},
+           "exclude": [{"strategy": "random", "budget": 300}, {"policy": "label", "seed": [1]}]}
+    grid = parse_sweep(doc).grid()
+    full = {(p, s, b, r) for p in ("probabilities", "label") for s in ("random", "knockoff") for b in (100, 300)
+            for r in (0, 1)}
+    dropped = {k for k in full if (k[1], k[2]) == ("random", 300) or (k[0], k[3]) == ("label", 1)}
+    assert {(g["policy"], g["strategy"], g["budget"], g["seed"]) for g in grid} == full - dropped
+    assert len(grid) == 16 - 4 - 4 + 1  # (label, random, 300, seed 1) matches both entries
+    with pytest.raises(DmeError, match=r"exclude\[0\].*matches no grid point.*budget: 100, 300"):
+        parse_sweep({**doc, "exclude": [{"strategy": "random", "budget": 3000}]})
+    with pytest.raises(DmeError, match=r"exclude\[0\].*unknown factor 'budgets'.*allowed factors: victim"):
+        parse_sweep({**doc, "exclude": [{"budgets": 300}]})
+    with pytest.raises(DmeError, match="leaves no grid point"):
+        parse_sweep({**doc, "exclude": [{"seed": [0, 1]}]})

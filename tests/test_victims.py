@@ -71,6 +71,26 @@ def test_a_name_registered_in_the_default_store_resolves_in_a_fresh_process_from
     assert (tmp_path / "home" / "mlflow.db").exists()
 
 
+def test_a_name_deleted_and_registered_again_never_loads_the_old_cached_model(tiny_victim, tmp_path):
+    """models:/NAME/1 names a different model once NAME is deleted and registered again: the download cache must
+    not hand back the first one."""
+    from mlflow import MlflowClient
+
+    from distributed_me.tracking import use_store
+
+    sha = load_bundle(tiny_victim[1]).meta.weights_sha256
+    first = register_victim(tiny_victim[1], "digits-reregistered")
+    assert load_victim(first).meta.weights_sha256 == sha
+    MlflowClient(use_store()).delete_registered_model("digits-reregistered")
+    cfg = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=3e-3, seed=1)
+    _, other_path = train_victim("digits", "tiny_cnn", tmp_path / "other", cfg, img_size=8, progress=False)
+    other_sha = load_bundle(other_path).meta.weights_sha256
+    assert other_sha != sha
+    again = register_victim(other_path, "digits-reregistered")
+    assert again == first == "models:/digits-reregistered/1"
+    assert load_victim(again).meta.weights_sha256 == other_sha
+
+
 def test_unknown_registered_name_is_a_clear_error():
     with pytest.raises(BundleError, match="no registered victim named 'never-trained'"):
         load_victim("never-trained")

@@ -36,6 +36,11 @@ def bench_ownership(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     marked = watermark_victim(original, EWEConfig(), out=work / "ewe-victim", progress=True)
     ev = ewe_evidence(marked.path)
+    m = marked.metrics
+    print(f"watermarked: test accuracy {m['acc_before']:.4f} -> {m['acc_after']:.4f}, agreement {m['agreement']:.4f}, "
+          f"KL_test {m['kl_test']:.3g}; target rate on {int(m['triggers'])} triggers {m['wm_victim']:.3f} "
+          f"(original {m['wm_original']:.3f}), on fresh {EWEConfig().source_pool} images {m['source_victim']:.3f} "
+          f"(original {m['source_original']:.3f})", flush=True)
     rows: list[dict] = []
 
     def judge(suspect: str, model, seconds: float, **extra) -> None:

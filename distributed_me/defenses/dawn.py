@@ -117,14 +117,18 @@ def load_watermarks(root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     return out
 
 
+def binomial_tail(matches: int, n: int, p0: float) -> float:
+    """``P(Binomial(n, p0) ≥ matches)``: the chance that a model unrelated to the owner's answers matches at least
+    ``matches`` of ``n`` marks when each matches with probability ``p0`` (1.0 when there are no marks)."""
+    from scipy.stats import binom
+
+    return 1.0 if n == 0 else float(binom.sf(matches - 1, n, p0))
+
+
 def binomial_pvalue(matches: int, n: int, num_classes: int) -> float:
     """``P(Binomial(n, 1/(K − 1)) ≥ matches)``: the p-value of ``matches`` agreements with ``n`` watermark labels
     under H0 (module docstring)."""
-    from scipy.stats import binom
-
-    if n == 0:
-        return 1.0
-    return float(binom.sf(matches - 1, n, 1.0 / (num_classes - 1)))
+    return binomial_tail(matches, n, 1.0 / (num_classes - 1))
 
 
 @register_policy
@@ -168,4 +172,5 @@ def build_dawn_kit(inputs: KitInputs, out: Path) -> dict:
     return {"secret": SECRET_FILE, "metrics": {}}
 
 
-__all__ = ["DAWN_RATE", "FolderSink", "WatermarkSink", "binomial_pvalue", "dawn_marks", "load_watermarks"]
+__all__ = ["DAWN_RATE", "FolderSink", "WatermarkSink", "binomial_pvalue", "binomial_tail",
+           "dawn_marks", "load_watermarks"]

@@ -29,7 +29,7 @@ from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
 from ..extraction import FACTORS, AttackSpec
 from ..models import MODELS
-from ..parity import PaperTable
+from ..parity import PaperTable, matches
 from ..plugins import load_plugins
 from ..spec_types import DetectorSpec, PolicySpec, SafeName, read_yaml_mapping
 from ..train import OPTIMIZERS
@@ -203,6 +203,10 @@ class SweepSpec(BaseModel):
                                                   "random order)")
     benign_queries: int = Field(1000, ge=1, description="test images each benign client sends, in batches of 20")
     attack: AttackFactors = Field(default_factory=AttackFactors)
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description="grid points to leave out: each entry "
+                                          "maps factors to a value or a list of values, and a point that matches "
+                                          "every factor of an entry is dropped (e.g. [{strategy: dfme, budget: "
+                                          "2000}] when each strategy has its own budgets); grid search only")
     search: Search = Field(default_factory=Search)
     asha: Asha | None = None
     eval_every_epoch: bool = True
@@ -226,6 +230,17 @@ class SweepSpec(BaseModel):
             except DmeError as e:
                 raise ValueError(str(e)) from None
         return data
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_factors(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, entry in enumerate(v):
+            unknown = [k for k in entry if k not in FACTORS]
+            if unknown or not entry:
+                raise ValueError(f"exclude[{i}] = {entry!r}: "
+                                 f"{'unknown factor ' + ', '.join(map(repr, unknown)) if unknown else 'empty entry'}"
+                                 f"; allowed factors: {', '.join(FACTORS)}")
+        return v
 
     @field_validator("pool", mode="before")
     @classmethod
@@ -283,6 +298,18 @@ class SweepSpec(BaseModel):
             raise ValueError(f"victim names must be unique, got {names}")
         if self.asha is not None and not self.eval_every_epoch:
             raise ValueError("asha needs eval_every_epoch: true (it stops trials on per-epoch fidelity)")
+        if self.exclude:
+            if self.search.kind != "grid":
+                raise ValueError(f"exclude applies to grid sweeps only (search.kind is {self.search.kind!r}): "
+                                 "narrow the search space instead")
+            full = self._product()
+            for i, entry in enumerate(self.exclude):
+                if not any(_excluded(entry, point) for point in full):
+                    axes = {k: sorted({str(p[k]) for p in full}) for k in entry}
+                    raise ValueError(f"exclude[{i}] = {entry!r} matches no grid point (a typo?); the grid's values: "
+                                     + "; ".join(f"{k}: {', '.join(vals)}" for k, vals in axes.items()))
+            if not self.grid():
+                raise ValueError("exclude leaves no grid point: every combination is excluded")
         return self
 
     def with_absolute_paths(self) -> "SweepSpec":
@@ -310,12 +337,20 @@ class SweepSpec(BaseModel):
         return f"{victim}--p{i}"
 
     def grid(self) -> list[dict[str, Any]]:
-        """Every factor combination, in a stable order (one dict of FACTORS per trial)."""
+        """Every factor combination not in ``exclude``, in a stable order (one dict of FACTORS per trial)."""
+        return [p for p in self._product() if not any(_excluded(e, p) for e in self.exclude)]
+
+    def _product(self) -> list[dict[str, Any]]:
         a = self.attack
         axes = {"victim": [v.name for v in self.victims], "policy": self.policies, "pool": self.pool,
                 "strategy": a.strategy, "budget": a.budget, "arch": a.arch, "optimizer": a.optimizer, "lr": a.lr,
                 "pretrained": a.pretrained, "augment": a.augment, "epochs": a.epochs, "seed": a.seed}
         return [dict(zip(FACTORS, combo)) for combo in itertools.product(*(axes[k] for k in FACTORS))]
+
+
+def _excluded(entry: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether a grid point has, for every factor of an ``exclude`` entry, its value or one of its listed values."""
+    return all(any(matches({k: x}, point) for x in _listify(v)) for k, v in entry.items())
 
 
 def deep_merge(base: dict, override: dict) -> dict:

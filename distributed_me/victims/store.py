@@ -6,6 +6,7 @@ dme bundle (``models:/NAME/VERSION``) and a model MLflow itself can load and ``p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import warnings
@@ -118,8 +119,9 @@ def canonical_model_uri(spec: str) -> str:
             version = MlflowClient(tracking_uri()).get_model_version_by_alias(name, alias).version
         except Exception as e:  # mlflow raises several exception types for an unknown name or alias
             raise BundleError(f"no version of registered victim {name!r} has the alias {alias!r} in the MLflow store "
-                              f"{tracking_uri()} ({type(e).__name__}); set one with MlflowClient()."
-                              "set_registered_model_alias, or name a version: models:/NAME/VERSION") from None
+                              f"{tracking_uri()} ({type(e).__name__}); set one with `dme defense ... --alias {alias}` "
+                              "when the version is made, or MlflowClient().set_registered_model_alias, or name a "
+                              "version: models:/NAME/VERSION") from None
         return f"models:/{name}/{version}"
     return spec
 
@@ -131,6 +133,24 @@ def parse_model_version(spec: str) -> tuple[str, int] | None:
         return None
     parts = canonical_model_uri(spec)[len("models:/"):].split("/")
     return (parts[0], int(parts[1])) if len(parts) == 2 and parts[1].isdigit() else None
+
+
+def _cache_key(uri: str, store: str) -> str:
+    """The cache folder name of an MLflow model: the URI, plus what tells two models behind the same URI apart (the
+    store, and a registered version's creation time, which changes when a deleted name is registered again), so a
+    cached bundle is never a different model's."""
+    key = uri.replace(":/", "_").replace("/", "_")
+    stamp = ""
+    parsed = parse_model_version(uri)
+    if parsed is not None:
+        from mlflow import MlflowClient
+
+        try:
+            stamp = str(MlflowClient(store).get_model_version(parsed[0], str(parsed[1])).creation_timestamp)
+        except Exception as e:  # mlflow raises several exception types for a missing model
+            raise BundleError(f"cannot fetch victim {uri} from MLflow ({store}): {e}") from None
+    digest = hashlib.sha256(f"{store}|{stamp}".encode()).hexdigest()[:12]
+    return f"{key}_{digest}"
 
 
 def resolve_bundle_path(spec: str) -> Path:
@@ -147,7 +167,7 @@ def resolve_bundle_path(spec: str) -> Path:
 
     store = use_store()
     uri = canonical_model_uri(spec)
-    dst = cache_dir() / "victims" / "mlflow" / uri.replace(":/", "_").replace("/", "_")
+    dst = cache_dir() / "victims" / "mlflow" / _cache_key(uri, store)
     if not any(dst.rglob(META_FILE)):
         dst.mkdir(parents=True, exist_ok=True)
         try:

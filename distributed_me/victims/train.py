@@ -83,7 +83,12 @@ def _dataset_ref(spec: str | LabeledDataset, ds: LabeledDataset) -> str:
         if all(p.exists() for p in parts):
             return ",".join(str(p.resolve()) for p in parts)
         return spec
-    return str(ds.meta.get("source", ds.name))
+    # a loaded dataset: its recorded files, else its registered name ("source" of a dataset loaded by name only
+    # describes where it came from, e.g. "sklearn.datasets.load_digits", and does not load it again)
+    source = str(ds.meta.get("source", ""))
+    if source and all(Path(p).exists() for p in source.split(",")):
+        return source
+    return ds.name
 
 
 def victim_test_split(victim: Victim, root: str | None = None, download: bool = False,
