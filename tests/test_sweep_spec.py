@@ -247,3 +247,19 @@ def test_exclude_drops_exactly_the_matching_points_and_names_a_dead_entry():
         parse_sweep({**doc, "exclude": [{"budgets": 300}]})
     with pytest.raises(DmeError, match="leaves no grid point"):
         parse_sweep({**doc, "exclude": [{"seed": [0, 1]}]})
+
+
+def test_only_the_victim_policy_pairs_some_trial_uses_are_deployed(tmp_path):
+    """An excluded pair gets no Serve deployment (nor kits, nor a defender's cost): the advft sweep's CPU preset
+    leaves AdvFT x DP / CIP out, and must not deploy and build CIP's kit for a victim no trial queries that way."""
+    from distributed_me.sweep.runner import serve_args
+
+    doc = {"name": "x", "victims": [{"name": "plain", "source": "embedded"}, {"name": "prot", "source": "embedded"}],
+           "policies": ["probabilities", "label", "topk:2"], "attack": {"budget": [100, 300]},
+           "exclude": [{"victim": "prot", "policy": ["label", "topk:2"]}]}
+    spec = parse_sweep(doc)
+    assert spec.pairs() == [("plain", "probabilities"), ("plain", "label"), ("plain", "topk:2"),
+                            ("prot", "probabilities")]
+    deployed = [v["name"] for v in serve_args(spec, tmp_path)["victims"]]
+    assert deployed == ["plain--p0", "plain--p1", "plain--p2", "prot--p0"]
+    assert {spec.deployment_name(g["victim"], g["policy"]) for g in spec.grid()} == set(deployed)

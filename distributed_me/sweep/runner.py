@@ -92,9 +92,10 @@ def load_saved(name: str) -> tuple[SweepSpec, str | None, Path]:
 def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
     r = spec.resources
     detectors = [{"detector": d, "action": "flag"} for d in spec.detectors]
-    victims = [{"name": spec.deployment_name(v.name, p), "source": v.source, "output_policy": p,
+    sources = {v.name: v.source for v in spec.victims}
+    victims = [{"name": spec.deployment_name(v, p), "source": sources[v], "output_policy": p,
                 "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
-                "max_ongoing_requests": 64, "detectors": detectors} for v in spec.victims for p in spec.policies]
+                "max_ongoing_requests": 64, "detectors": detectors} for v, p in spec.pairs()]
     return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
 
 
@@ -119,14 +120,17 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
     from ..runner import evaluator_for
     from ..victims import load_victim
 
-    needed = sorted({k for p in spec.policies for k in parse_policy(p).kits_needed()})
+    pairs = spec.pairs()
     tags: dict[str, str] = {}
     metrics: list[Metric] = []
     costs: dict[str, dict] = {}
     now = int(time.time() * 1000)
     for v in spec.victims:
+        policies = [p for name, p in pairs if name == v.name]
+        if not policies:
+            continue
         victim = load_victim(bundles[v.name])
-        for name in needed:
+        for name in sorted({k for p in policies for k in parse_policy(p).kits_needed()}):
             kit = find_kit(victim, name)
             if kit is None:
                 if on_progress:
@@ -135,7 +139,8 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
                 kit = train_kit(victim, name, source=v.source)
             tags[f"dme.kit.{v.name}.{name}"] = str(kit.path)
         evaluator = evaluator_for(victim)
-        for i, p in enumerate(spec.policies):
+        for p in policies:
+            i = spec.policies.index(p)
             cost = evaluator.defense_cost(p)
             assert cost is not None
             costs[f"{v.name}|{p}"] = asdict(cost)
@@ -166,9 +171,14 @@ def benign_detection(spec: SweepSpec, bundles: dict[str, str], app: str, parent_
     accountant, watchman = serve.get_deployment_handle("Accountant", app), serve.get_deployment_handle("Watchman", app)
     names = [parse_detector(d).name for d in spec.detectors]
     out: dict[str, float] = {}
+    pairs = spec.pairs()
     for v in spec.victims:
+        policies = [p for name, p in pairs if name == v.name]
+        if not policies:
+            continue
         x = victim_test_split(load_victim(bundles[v.name]))[0].numpy()
-        for i, p in enumerate(spec.policies):
+        for p in policies:
+            i = spec.policies.index(p)
             deployment = spec.deployment_name(v.name, p)
             flagged = dict.fromkeys(names, 0)
             for k in range(spec.benign_keys):
@@ -429,7 +439,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             # progress bars only on a terminal: in a log (a Ray job, a redirect) they are lines of carriage returns
             prepared = prepare_strategies(spec, parent, progress=on_progress is not None and sys.stderr.isatty(),
                                           projected={(s.factors["strategy"], s.factors["pool"]): s for s in steps})
-        deployments = {f"{v.name}|{p}": spec.deployment_name(v.name, p) for v in spec.victims for p in spec.policies}
+        deployments = {f"{v}|{p}": spec.deployment_name(v, p) for v, p in spec.pairs()}
         ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "deployments": deployments, "defense_costs": defense_costs,

@@ -336,6 +336,12 @@ class SweepSpec(BaseModel):
         i = self.policies.index(policy)
         return f"{victim}--p{i}"
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (victim, policy) pairs some trial uses, in spec order: one Serve deployment, defense kit set and
+        defender's cost each. ``exclude`` can leave pairs out; an Optuna search may sample any pair."""
+        used = {(g["victim"], g["policy"]) for g in self.grid()} if self.search.kind == "grid" else None
+        return [(v.name, p) for v in self.victims for p in self.policies if used is None or (v.name, p) in used]
+
     def grid(self) -> list[dict[str, Any]]:
         """Every factor combination not in ``exclude``, in a stable order (one dict of FACTORS per trial)."""
         return [p for p in self._product() if not any(_excluded(e, p) for e in self.exclude)]
