@@ -64,6 +64,8 @@ def test_a_sweep_over_three_versions_reports_each_against_the_previous(sweep_env
         assert row["accuracy"] == pytest.approx((p.argmax(1) == y).mean())
         assert row["same_class"] == pytest.approx((p.argmax(1) == q.argmax(1)).mean())
         assert row["confidence_change"] == pytest.approx(np.abs(p.max(1) - q.max(1)).mean(), abs=1e-6)
+        qc, pc = np.clip(q, 1e-12, None), np.clip(p, 1e-12, None)
+        assert row["kl_test"] == pytest.approx((qc * (np.log(qc) - np.log(pc))).sum(1).mean(), rel=1e-4)
         assert row["fidelity_change"] == pytest.approx(row["fidelity"] - table.iloc[i - 1]["fidelity"])
     assert np.isnan(table.iloc[0].get("same_class", np.nan))
     assert "## Victim versions" in report.markdown.read_text() and (tmp_path / "report" / "versions.csv").exists()

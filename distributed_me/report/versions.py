@@ -12,7 +12,8 @@ per version, on the victim's own test split:
   policies of the sweep pooled unless they differ, then one row each);
 - against the previous version: ``fidelity_change``, ``accuracy_change``, ``same_class`` (share of test images
   with the same top-1 class) and ``confidence_change`` (mean absolute change of the top-1 probability; MEBench does
-  not define its column further, this is our reading).
+  not define its column further, this is our reading), and ``kl_test`` (mean KL(previous ‖ this) of the answers on
+  the test split: AdvFT's KL_test, paper 002 §3, when the previous version is this one's parent).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+
+from ..metrics import kl_divergence
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,8 @@ def version_table(df: pd.DataFrame, sources: dict[str, str],
                 p_probs, p_api, p_fid = prev
                 api.update(accuracy_change=api["accuracy"] - p_api["accuracy"],
                            same_class=float((probs.argmax(1) == p_probs.argmax(1)).mean()),
-                           confidence_change=float(np.abs(probs.max(1) - p_probs.max(1)).mean()))
+                           confidence_change=float(np.abs(probs.max(1) - p_probs.max(1)).mean()),
+                           kl_test=kl_divergence(torch.from_numpy(p_probs), torch.from_numpy(probs)))
             trials = df[df["victim"] == victim]
             fid: dict[tuple, float] = {}
             for values, g in (trials.groupby(keys, dropna=False) if keys else [((), trials)]):
@@ -82,7 +87,7 @@ def version_table(df: pd.DataFrame, sources: dict[str, str],
                 rows.append(row)
             prev = (probs, api, fid)
     order = ["model", "version", "victim", *keys, "trials", "accuracy", "mean_confidence", "fidelity",
-             "accuracy_attack", "fidelity_change", "accuracy_change", "same_class", "confidence_change"]
+             "accuracy_attack", "fidelity_change", "accuracy_change", "same_class", "confidence_change", "kl_test"]
     out = pd.DataFrame(rows)
     return out[[c for c in order if c in out]]
 
