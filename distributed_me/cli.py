@@ -395,6 +395,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     on_status=console.status if console.live and not args.quiet else None)
     console.line("")  # ends the status line
     rows = sorted(out.rows, key=lambda r: tuple(_sort_key(r.get(c)) for c in _SWEEP_FACTOR_COLUMNS))
+    if out.interrupted:
+        rows = [r for r in rows if r.get("completed")]
+        print(f"\nsweep {out.name!r} interrupted: {len(rows)} trials finished, {len(out.errors)} failed, the rest "
+              f"saved (MLflow parent run {out.parent_run_id}, KILLED); continue with `dme sweep --resume "
+              f"{out.name}`")
+        print(trial_table(rows, SWEEP_COLUMNS))
+        return 130  # the shell's code for a command ended by SIGINT
     print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
           f"(MLflow parent run {out.parent_run_id})")
     print(trial_table(rows, SWEEP_COLUMNS))

@@ -249,6 +249,32 @@ def test_resume_after_the_driver_is_killed_reruns_no_finished_trial(sweep_env):
     assert parent.info.status == "FINISHED"
 
 
+def test_ctrl_c_ends_the_sweep_killed_with_the_resume_command_and_no_finished_parent(sweep_env):
+    """Ctrl-C (SIGINT) makes Tune save its state and return normally: the sweep must still end KILLED (exit 130,
+    the resume command printed), never FINISHED, whose partial trials phase would teach the cost model that the
+    sweep is short (seen: a 4.8 h sweep resumed with "29 min projected")."""
+    spec = sweep_env["dir"] / "interrupt.yaml"
+    doc = _doc("interrupt", attack={"optimizer": ["adam", "sgd", "adamw"], "epochs": 3}, policies=["probabilities"],
+               resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    spec.write_text(yaml.safe_dump(doc))
+    first = _dme(["sweep", str(spec), "--num-cpus", "2", "-q"], {**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: [t for t in _runs(sweep_env["uri"], "interrupt") if t.info.status == "FINISHED"], 300,
+                 "a first finished trial")
+        first.send_signal(signal.SIGINT)
+        output, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(30)
+    assert first.returncode == 130, output[-3000:]
+    assert "interrupted" in output and "dme sweep --resume interrupt" in output, output[-3000:]
+    (parent,) = _runs(sweep_env["uri"], "interrupt", "sweep")
+    assert parent.info.status == "KILLED", parent.info
+    assert "dme sweep --resume interrupt" in parent.data.tags["dme.error"], parent.data.tags
+    assert "RUNNING" not in {t.info.status for t in _runs(sweep_env["uri"], "interrupt")}
+
+
 def test_sweep_as_a_ray_job_on_a_head_node(sweep_env, tmp_path):
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump(_doc("job", attack={"optimizer": "adam"}, policies=["probabilities"])))

@@ -71,6 +71,8 @@ class SweepOutcome:
     path: Path
     #: the sweep's own phases: ray, mlflow, deploy, prepare, trials (Tune, the trials included), teardown
     seconds: dict[str, float]
+    #: Tune returned with trials neither finished nor failed (Ctrl-C / SIGINT): resume with `dme sweep --resume`
+    interrupted: bool = False
 
 
 def save_spec(spec: SweepSpec, preset: str | None, folder: Path) -> None:
@@ -449,17 +451,24 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
+        # on SIGINT Tune saves its state and returns instead of raising: trials it stopped are neither terminated
+        # nor errored. Such a sweep is KILLED, not FINISHED (its partial trials phase must not teach the cost model
+        # that the sweep is short), and skips the benign-client pass and the report
+        total = len(spec.grid()) if spec.search.kind == "grid" else spec.search.num_samples
+        interrupted = grid.num_terminated + grid.num_errors < total
         deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
-        with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used
-            benign_detection(spec, bundles, app_name(spec.name), parent)
+        if not interrupted:
+            with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used
+                benign_detection(spec, bundles, app_name(spec.name), parent)
         clock.seconds["deploy_background"] = deployer.seconds
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
         # the phases so far, before the report reads them (its projection-vs-reality table); end_parent logs all
         tracking.log_plan(parent, {f"sweep_seconds_{k}": v for k, v in clock.seconds.items()})
-        with clock.phase("report"):  # summary table, report, CSV and plots onto the parent run (never raises)
-            publish_report(spec.name, parent, spec.experiment)
+        if not interrupted:
+            with clock.phase("report"):  # summary table, report, CSV and plots onto the parent run (never raises)
+                publish_report(spec.name, parent, spec.experiment)
         rows, errors = [], []
         for res in grid:
             if res.error is not None:
@@ -471,14 +480,19 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                          "harness": {k: v for k, v in m.items() if k.startswith("harness_")},
                          "trial_wall_seconds": m.get("time_total_s"),
                          "mlflow_run_id": m.get("mlflow_run_id"), "completed": bool(m.get("completed"))})
-        status = "FINISHED" if not errors else "FAILED"
-        error = "\n".join(errors) or None
         done = [r for r in rows if r["completed"]]
+        if interrupted:
+            status = "KILLED"
+            error = (f"interrupted with {len(done)} of {total} trials finished; resume with `dme sweep --resume "
+                     f"{spec.name}`")
+        else:
+            status = "FINISHED" if not errors else "FAILED"
+            error = "\n".join(errors) or None
         summary = {"trials": len(rows) + len(errors), "trials_failed": len(errors), "trials_finished": len(done),
                    **{f"sweep_seconds_{k}": v for k, v in clock.seconds.items()}}
         if done:
             summary["best_fidelity"] = max(r["fidelity"] for r in done)
-        return SweepOutcome(spec.name, parent, rows, errors, folder, clock.seconds)
+        return SweepOutcome(spec.name, parent, rows, errors, folder, clock.seconds, interrupted)
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted; resume with `dme sweep --resume NAME`"
         raise
