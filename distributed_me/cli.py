@@ -400,11 +400,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"\nsweep {out.name!r} interrupted: {len(rows)} trials finished, {len(out.errors)} failed, the rest "
               f"saved (MLflow parent run {out.parent_run_id}, KILLED); continue with `dme sweep --resume "
               f"{out.name}`")
-        print(trial_table(rows, SWEEP_COLUMNS))
-        return 130  # the shell's code for a command ended by SIGINT
-    print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
-          f"(MLflow parent run {out.parent_run_id})")
+    else:
+        print(f"\nsweep {out.name!r}: {len(out.rows)} trials done, {len(out.errors)} failed "
+              f"(MLflow parent run {out.parent_run_id})")
     print(trial_table(rows, SWEEP_COLUMNS))
+    if out.interrupted:
+        return 130  # the shell's code for a command ended by SIGINT
     for e in out.errors:
         print(f"failed: {e}", file=sys.stderr)
     print(f"\nBrowse: dme ui    Report: dme report {out.name}    Across sweeps: dme leaderboard")

@@ -260,6 +260,8 @@ def test_only_the_victim_policy_pairs_some_trial_uses_are_deployed(tmp_path):
     spec = parse_sweep(doc)
     assert spec.pairs() == [("plain", "probabilities"), ("plain", "label"), ("plain", "topk:2"),
                             ("prot", "probabilities")]
+    assert spec.policies_for("prot") == ["probabilities"]
+    assert spec.policies_for("plain") == ["probabilities", "label", "topk:2"]
     deployed = [v["name"] for v in serve_args(spec, tmp_path)["victims"]]
     assert deployed == ["plain--p0", "plain--p1", "plain--p2", "prot--p0"]
     assert {spec.deployment_name(g["victim"], g["policy"]) for g in spec.grid()} == set(deployed)

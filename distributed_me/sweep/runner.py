@@ -122,13 +122,12 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
     from ..runner import evaluator_for
     from ..victims import load_victim
 
-    pairs = spec.pairs()
     tags: dict[str, str] = {}
     metrics: list[Metric] = []
     costs: dict[str, dict] = {}
     now = int(time.time() * 1000)
     for v in spec.victims:
-        policies = [p for name, p in pairs if name == v.name]
+        policies = spec.policies_for(v.name)
         if not policies:
             continue
         victim = load_victim(bundles[v.name])
@@ -173,9 +172,8 @@ def benign_detection(spec: SweepSpec, bundles: dict[str, str], app: str, parent_
     accountant, watchman = serve.get_deployment_handle("Accountant", app), serve.get_deployment_handle("Watchman", app)
     names = [parse_detector(d).name for d in spec.detectors]
     out: dict[str, float] = {}
-    pairs = spec.pairs()
     for v in spec.victims:
-        policies = [p for name, p in pairs if name == v.name]
+        policies = spec.policies_for(v.name)
         if not policies:
             continue
         x = victim_test_split(load_victim(bundles[v.name]))[0].numpy()

@@ -342,6 +342,10 @@ class SweepSpec(BaseModel):
         used = {(g["victim"], g["policy"]) for g in self.grid()} if self.search.kind == "grid" else None
         return [(v.name, p) for v in self.victims for p in self.policies if used is None or (v.name, p) in used]
 
+    def policies_for(self, victim: str) -> list[str]:
+        """The output policies some trial uses on ``victim``, in spec order (its share of :meth:`pairs`)."""
+        return [p for name, p in self.pairs() if name == victim]
+
     def grid(self) -> list[dict[str, Any]]:
         """Every factor combination not in ``exclude``, in a stable order (one dict of FACTORS per trial)."""
         return [p for p in self._product() if not any(_excluded(e, p) for e in self.exclude)]
