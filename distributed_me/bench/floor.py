@@ -1,0 +1,90 @@
+"""The frameworks' floor under ``dme bench sweep``'s (c): what Ray Tune and Ray Serve cost on this machine with none of
+distributed_me's code in them, so the harness overhead can be read against what is physically left to remove.
+
+The floor does only what any torch sweep on Tune + Serve must do: a Serve application of as many replicas as the
+sweep's (each replica imports torch, as a model-serving replica must), deployed in the background while Tune runs the
+same number of trials, one at a time on a reused worker, each importing torch and returning at once. Its wall time
+is the least (c) - (a) can be with this design on this machine: everything above it is ours.
+
+This module imports torch only inside the replicas and the trainable (their processes pay for it, as ours do), and
+nothing else of the package, so the workers it starts pay no more than the frameworks' share.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+
+from ray import serve, tune
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _Idle:
+    """A replica that loads torch and answers nothing: the start-up every victim, ledger and ingress replica pays."""
+
+    def __init__(self) -> None:
+        import torch  # noqa: F401  - the point: a model-serving replica's process imports it
+
+    def __call__(self) -> int:
+        return 0
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _Front:
+    """The ingress's place in the floor's application: it holds handles to the others, as ours does."""
+
+    def __init__(self, *handles) -> None:
+        import torch  # noqa: F401
+
+        self.handles = handles
+
+    def __call__(self) -> int:
+        return len(self.handles)
+
+
+def _noop_trial(config: dict) -> None:
+    import torch  # noqa: F401  - a trial that trains a model imports it in its worker
+
+    tune.report({"done": 1})
+
+
+def framework_floor(trials: int, replicas: int, name: str = "dme-floor") -> dict[str, float]:
+    """Seconds for: the Serve application alone (``serve_seconds``), Tune's ``trials`` no-op trials alone
+    (``tune_seconds``), and both at once as the sweep runs them (``floor_seconds``: the deployment in a background
+    thread, the Tune run in the foreground). Needs a running Ray; leaves no application behind."""
+    app = _Front.options(name=f"{name}-front").bind(
+        *[_Idle.options(name=f"{name}-idle{i}").bind() for i in range(max(0, replicas - 1))])
+
+    def deploy() -> float:
+        t0 = time.perf_counter()
+        serve.run(app, name=name, route_prefix=None)
+        return time.perf_counter() - t0
+
+    def run_tune(storage: str) -> float:
+        t0 = time.perf_counter()
+        tuner = tune.Tuner(
+            tune.with_resources(_noop_trial, {"cpu": 1}),
+            param_space={"i": tune.grid_search(list(range(trials)))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+        grid = tuner.fit()
+        if grid.num_errors:
+            raise RuntimeError(f"the floor's no-op trials failed: {grid.errors}")
+        return time.perf_counter() - t0
+
+    serve.start(proxy_location="Disabled")  # as a sweep's Serve: trials reach victims by handle, no HTTP proxy
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["serve_seconds"] = deploy()
+        serve.delete(name)
+        out["tune_seconds"] = run_tune(f"{tmp}/alone")
+        done: dict[str, float] = {}
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=lambda: done.__setitem__("serve", deploy()), daemon=True)
+        thread.start()
+        run_tune(f"{tmp}/both")
+        thread.join()
+        out["floor_seconds"] = time.perf_counter() - t0
+        serve.delete(name)
+    return out
