@@ -6,6 +6,9 @@ sweep's (each replica imports torch, as a model-serving replica must), deployed 
 same number of trials, one at a time on a reused worker, each importing torch and returning at once. Its wall time
 is the least (c) - (a) can be with this design on this machine: everything above it is ours.
 
+:func:`serving_floor` does the same for ``dme bench serve``: Serve's two hops (client → ingress → replica) with no
+work at either end, by handle and over HTTP, against which the victim API's fixed per-request overhead is read.
+
 This module imports torch only inside the replicas and the trainable (their processes pay for it, as ours do), and
 nothing else of the package, so the workers it starts pay no more than the frameworks' share.
 """
@@ -88,3 +91,70 @@ def framework_floor(trials: int, replicas: int, name: str = "dme-floor") -> dict
         out["floor_seconds"] = time.perf_counter() - t0
         serve.delete(name)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- serving floor
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _Echo:
+    """A victim replica that does no work: an answer of the right size (zeros), no forward, no accounting."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def __call__(self, x):
+        import numpy as np
+
+        return np.zeros((len(x), self.num_classes), dtype=np.float32)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _Hop:
+    """An ingress that forwards to :class:`_Echo`: Serve's two hops (client → ingress → replica) and nothing of ours.
+    By handle: ``answer(x)``; over HTTP: a POST of an ``.npy`` body, answered with the probabilities as JSON."""
+
+    def __init__(self, echo) -> None:
+        self.echo = echo
+
+    async def answer(self, x):
+        return await self.echo.remote(x)
+
+    async def __call__(self, request):
+        import io
+
+        import numpy as np
+
+        x = np.load(io.BytesIO(await request.body()), allow_pickle=False)
+        return {"probs": (await self.echo.remote(x)).tolist()}
+
+
+def serving_floor(x, num_classes: int, url: str | None, n: int, name: str = "dme-serve-floor") -> dict[str, float]:
+    """Milliseconds per sequential request of ``x`` through Serve's two hops with no work at either (handle, and HTTP
+    at ``url`` + ``/NAME`` when the app's proxy runs): the least per-request overhead of an ingress + replica design
+    on this machine. Deploys on the running Serve instance and deletes the app after."""
+    import io
+
+    import numpy as np
+
+    handle = serve.run(_Hop.options(name=f"{name}-hop").bind(_Echo.options(name=f"{name}-echo").bind(num_classes)),
+                       name=name, route_prefix=f"/{name}")
+    steps = {"handle": lambda: handle.answer.remote(x).result()}
+    client = None
+    if url is not None:
+        import httpx
+
+        buf = io.BytesIO()
+        np.save(buf, x, allow_pickle=False)
+        body, client = buf.getvalue(), httpx.Client(timeout=60)
+        steps["http"] = lambda: client.post(f"{url}/{name}", content=body).raise_for_status()
+    try:
+        total = dict.fromkeys(steps, 0.0)
+        for i in range(n + 1):  # round 0 warms up; round-robin so drift hits both alike
+            for k, fn in steps.items():
+                t = time.perf_counter()
+                fn()
+                total[k] += (time.perf_counter() - t) * (i > 0)
+        return {k: 1000 * v / n for k, v in total.items()}
+    finally:
+        if client is not None:
+            client.close()
+        serve.delete(name)
