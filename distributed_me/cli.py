@@ -263,7 +263,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                      budget=args.budget, arch=args.arch, pretrained=args.pretrained,
                                      optimizer=args.optimizer, lr=args.lr, epochs=args.epochs,
                                      batch_size=args.batch_size, augment=False if args.no_augment else None,
-                                     seed=args.seed, adv_eval_samples=args.adv_samples)
+                                     targets=args.targets, seed=args.seed, adv_eval_samples=args.adv_samples)
     except ValidationError as e:
         raise explain_validation_error(e, "attack") from None
     result = attack_in_process(spec, victim=args.victim, pool=args.pool, output_policy=args.output_policy,
@@ -663,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--epochs", type=int, help=f"piracy training epochs (default {_default('epochs')})")
     at.add_argument("--batch-size", type=int, help=f"(default {_default('batch_size')})")
     at.add_argument("--no-augment", action="store_true")
+    at.add_argument("--targets", choices=("scores", "labels"),
+                    help=f"(default {_default('targets')}) train on the API's scores, or on each answer's top-1 label "
+                         "only (the counter to defenses that bend scores but keep the label)")
     at.add_argument("--output-policy", default="probabilities", help="a chain such as round:2,topk:1; policies: "
                                                                     f"{names('output policies')}")
     at.add_argument("--seed", type=int, help=f"(default {_default('seed')})")

@@ -17,11 +17,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .answer import Answer
 from .attacks import ATTACKS, PHASES, QueryStrategy, Timer, Workbench
@@ -69,6 +69,10 @@ class AttackSpec(BaseModel):
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(64, gt=1)
     augment: bool = True
+    targets: Literal["scores", "labels"] = Field(
+        "scores", description="what the piracy model learns from: `scores` = the API's scores as soft targets (its "
+                              "labels when it returns labels only); `labels` = the top-1 label of every answer, the "
+                              "attacker's counter to defenses that bend the scores but keep the top-1 label")
     seed: int = 0
     adv_eval_samples: int | None = Field(None, gt=0, description="cap on test images used for adversarial fidelity")
 
@@ -76,6 +80,16 @@ class AttackSpec(BaseModel):
     @classmethod
     def _known_strategy(cls, v: str) -> str:
         ATTACKS.get(v)
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_reach_the_training(cls, v: str, info: ValidationInfo) -> str:
+        strategy = info.data.get("strategy")
+        if v == "labels" and strategy is not None and not ATTACKS.get(strategy).trains_on_answers:
+            raise ValueError(f"attack {strategy!r} trains its student on the API's scores while it queries (no "
+                             "training on collected answers to switch to labels); use targets 'scores' with it, or a "
+                             "strategy that trains on its answers")
         return v
 
     @field_validator("arch")
@@ -265,7 +279,8 @@ def run_extraction(
         # the attacker does not know the victim's normalization: a neutral one, documented as such
         return NormalizedModel(net, Normalization((0.5,) * c, (0.5,) * c))
 
-    bench = Workbench(make_model, spec.train_config(), oracle.info.input_shape, timer, spec.seed, progress)
+    bench = Workbench(make_model, spec.train_config(), oracle.info.input_shape, timer, spec.seed, progress,
+                      targets=spec.targets)
 
     epoch_eval = Timer(phases=("eval",))
 

@@ -265,3 +265,20 @@ def test_only_the_victim_policy_pairs_some_trial_uses_are_deployed(tmp_path):
     deployed = [v["name"] for v in serve_args(spec, tmp_path)["victims"]]
     assert deployed == ["plain--p0", "plain--p1", "plain--p2", "prot--p0"]
     assert {spec.deployment_name(g["victim"], g["policy"]) for g in spec.grid()} == set(deployed)
+
+
+def test_the_attackers_targets_reach_every_trial_and_labels_are_refused_for_streaming_strategies():
+    """``attack.targets`` is one choice for the whole sweep (not a factor): each trial's AttackSpec gets it, a context
+    saved before the field existed means the default, and a grid that pairs ``labels`` with a strategy training on
+    scores while it queries fails at validation, naming the field and the strategy."""
+    from distributed_me.sweep.trial import attack_spec
+
+    doc = {"name": "x", "victims": [{"name": "d", "source": "embedded"}], "policies": ["modelguard-w"],
+           "attack": {"strategy": ["random", "knockoff"], "targets": "labels"}}
+    spec = parse_sweep(doc)
+    ctx = {"spec": spec.model_dump()}
+    assert {attack_spec(ctx, f).targets for f in spec.grid()} == {"labels"}
+    del ctx["spec"]["attack"]["targets"]  # a sweep started by an earlier distributed_me, resumed
+    assert attack_spec(ctx, spec.grid()[0]).targets == "scores"
+    with pytest.raises(DmeError, match=r"attack\.targets.*'labels' cannot apply to dfme"):
+        parse_sweep({**doc, "attack": {"strategy": ["random", "dfme"], "targets": "labels"}})

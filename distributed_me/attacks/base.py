@@ -105,6 +105,9 @@ class Workbench:
     query_batch_size: int = 256
     model: nn.Module | None = None
     history: list[dict] = field(default_factory=list)
+    #: ``"scores"``: soft targets when the answers carry scores; ``"labels"``: always their top-1 labels (the
+    #: attacker's choice :attr:`~distributed_me.extraction.AttackSpec.targets`; strategies need not know)
+    targets: str = "scores"
 
     def load(self, pool: Pool, idx: np.ndarray) -> torch.Tensor:
         """Pool images at ``idx`` as float NCHW at the victim's input shape."""
@@ -117,7 +120,8 @@ class Workbench:
 
     def train(self, images: torch.Tensor, answer: Answer, fresh: bool = True, epochs: int | None = None,
               interim: bool = False, fit_fn: Callable[..., list[dict]] | None = None) -> nn.Module:
-        """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels.
+        """Train the piracy model on (images, answers): soft labels if the answer has scores, else labels (and always
+        labels when the attacker chose ``targets="labels"``).
 
         ``interim=True`` marks an intermediate substitute of an iterative strategy (ActiveThief rounds, KnockoffNets'
         loss reward): it is not reported through ``on_epoch``, whose rows (Tune results, MLflow steps) describe the
@@ -129,7 +133,7 @@ class Workbench:
             if fresh or self.model is None:
                 torch.manual_seed(self.seed)
                 self.model = self.make_model()
-            soft = answer.soft_targets()
+            soft = answer.soft_targets() if self.targets == "scores" else None
             targets = torch.from_numpy(soft) if soft is not None else torch.from_numpy(answer.labels)
             cfg = self.train_cfg if epochs is None else TrainConfig(**{**self.train_cfg.__dict__, "epochs": epochs})
             history = (fit_fn or fit)(self.model, images, targets, cfg, on_epoch=None if interim else self.on_epoch,
@@ -250,6 +254,10 @@ class QueryStrategy(BaseModel):
     #: through :meth:`Workbench.train`, to agree with the embedded victim at twice chance; ``None`` for a strategy
     #: that trains a student by streaming (data-free generators), which its own test file checks instead
     learning_test_budget: ClassVar[int | None] = 200
+    #: whether the piracy model is trained on the collected (query, answer) pairs through :meth:`Workbench.train`, so
+    #: the attacker's ``targets`` choice (scores or labels) applies. A data-free strategy whose student learns from the
+    #: scores while it queries sets False
+    trains_on_answers: ClassVar[bool] = True
 
     @classmethod
     def create(cls, name: str, options: dict | None = None) -> "QueryStrategy":

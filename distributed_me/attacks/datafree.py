@@ -58,6 +58,7 @@ class DataFreeStrategy(QueryStrategy):
     accepts: ClassVar[tuple[str, ...]] = ("probabilities",)
     draws_from_pool: ClassVar[bool] = False
     learning_test_budget: ClassVar[int | None] = None
+    trains_on_answers: ClassVar[bool] = False
 
 
 def to_grayscale(images: torch.Tensor, every: int, gen: torch.Generator) -> torch.Tensor:

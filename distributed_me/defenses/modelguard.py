@@ -119,7 +119,12 @@ def modelguard_w(y: np.ndarray, eps: float = MODELGUARD_EPSILON, margin: float =
 @register_policy
 class ModelGuardW(OutputPolicy):
     """ModelGuard-W (Tang et al., USENIX Security 2024): the most uninformative answer within ``eps`` of the victim's in
-    L1, top-1 kept; a linear program per answer (see :mod:`distributed_me.defenses.modelguard`)."""
+    L1, top-1 kept; a linear program per answer (see :mod:`distributed_me.defenses.modelguard`).
+
+    Because the top-1 is kept, an attacker who trains on each answer's label (``targets: labels``) gets exactly what a
+    label-only API gives: measured on the embedded digits victim (random queries from the photo pool, 1000 queries,
+    CNN32, 20 epochs, seed 0), fidelity 0.151 for the soft-label attacker, 0.447 for the label attacker, 0.447 under
+    the ``label`` policy and 0.484 undefended. Its protection against an adaptive attacker is the label-only API's."""
 
     name: ClassVar[str] = "modelguard-w"
     eps: float = Field(MODELGUARD_EPSILON, gt=0, le=2, description="utility budget ||y' - y||_1 per answer")

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..attacks import ATTACKS
 from ..defenses import parse_policy
@@ -75,6 +75,8 @@ class AttackFactors(BaseModel):
     epochs: list[int] = _attack_default("epochs")
     seed: list[int] = _attack_default("seed")
     batch_size: int = Field(AttackSpec.model_fields["batch_size"].default, gt=1)
+    targets: Literal["scores", "labels"] = Field(AttackSpec.model_fields["targets"].default,
+                                                 description=AttackSpec.model_fields["targets"].description)
 
     @field_validator("strategy", "budget", "arch", "optimizer", "lr", "pretrained", "augment", "epochs", "seed",
                      mode="before")
@@ -111,6 +113,15 @@ class AttackFactors(BaseModel):
         bad = [x for x in v if x is not None and x <= 0]
         if bad:
             raise ValueError(f"learning rates must be positive (or null = the optimizer's paper default), got {bad}")
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: str, info: ValidationInfo) -> str:
+        streaming = [s for s in info.data.get("strategy", []) if not ATTACKS.get(s).trains_on_answers]
+        if v == "labels" and streaming:
+            raise ValueError(f"'labels' cannot apply to {', '.join(streaming)}: they train their student on the "
+                             "API's scores while they query; run them in a sweep with targets 'scores'")
         return v
 
 

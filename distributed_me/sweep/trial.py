@@ -119,7 +119,7 @@ def attack_spec(ctx: dict[str, Any], f: dict[str, Any]) -> AttackSpec:
         strategy=f["strategy"], strategy_options={**attack["strategy_options"].get(f["strategy"], {}), **prepared},
         budget=int(f["budget"]), arch=f["arch"], pretrained=f["pretrained"], optimizer=f["optimizer"], lr=f["lr"],
         epochs=int(f["epochs"]), batch_size=attack["batch_size"], augment=bool(f["augment"]), seed=int(f["seed"]),
-        adv_eval_samples=ctx["spec"]["adv_eval_samples"])
+        targets=attack.get("targets"), adv_eval_samples=ctx["spec"]["adv_eval_samples"])
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -154,7 +154,7 @@ def run_trial(config: dict[str, Any]) -> None:
                        {"dme.trial_id": trial_id, "dme.deployment": deployment,
                         "dme.node": ray.get_runtime_context().get_node_id(), DEVICE_TAG: ctx["cost_device"]},
                        # what the strategy was given, prepared products included (e.g. a features file)
-                       {"strategy_options": attack.strategy_options})
+                       {"strategy_options": attack.strategy_options, "targets": attack.targets})
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
