@@ -51,6 +51,10 @@ METRIC_NAMES: tuple[str, ...] = SCORE_NAMES + TIME_NAMES
 #: policy, then the attacker's choices: the unlabeled pool it draws queries from, then :class:`AttackSpec` fields
 FACTORS: tuple[str, ...] = ("victim", "policy", "pool", "strategy", "budget", "arch", "optimizer", "lr",
                             "pretrained", "augment", "epochs", "seed")
+#: attacker choices that are one value per sweep, not grid axes, but still tell results apart: MLflow params of every
+#: trial run (``attack.NAME`` of the sweep spec), read by reports and the leaderboard, a run that predates one
+#: counting as :class:`AttackSpec`'s default
+CHOICES: tuple[str, ...] = ("targets",)
 
 
 class AttackSpec(BaseModel):

@@ -209,6 +209,20 @@ def test_default_reads_every_experiment(store, tmp_path, monkeypatch):
     assert list(lb.tables[(VICTIM, "none")]["entry"]) == list(store["lb"].tables[(VICTIM, "none")]["entry"])
 
 
+def test_the_attackers_targets_tell_entries_apart_and_default_for_older_runs(mlflow_server, tmp_path, monkeypatch):
+    """Two sweeps alike but for ``attack.targets``: one run before the choice existed (no param: scores), one
+    training on labels. Each is an entry labeled by its targets, and the CSV has the column."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    experiment = f"leaderboard-targets-{uuid.uuid4().hex[:8]}"
+    f = {"arch": "cnn32", "optimizer": "adam", "policy": "modelguard-w", "strategy": "random", "budget": 100, "seed": 0}
+    _sweep(experiment, "lb-scores", [(f, _m(0.15))])
+    _sweep(experiment, "lb-labels", [({**f, "targets": "labels"}, _m(0.45))])
+    lb = leaderboard.build_leaderboard(tmp_path, [experiment])
+    table = lb.tables[(VICTIM, "modelguard-w")]
+    assert list(table["entry"]) == ["random (targets=labels)", "random (targets=scores)"]
+    assert list(pd.read_csv(tmp_path / "leaderboard.csv")["targets"]) == ["labels", "scores"]
+
+
 def test_no_budget_shared_by_all_ranks_where_most_entries_are():
     """Without a budget every entry reached: the budget most entries reached (the larger among equals); the others
     are listed after the ranked ones, unranked."""

@@ -11,7 +11,8 @@ it ran, is absent: ``None``), metrics are :data:`~distributed_me.extraction.METR
 
 What is ranked. A *task* is a victim under an output policy (victim × defense). An *entry* is one attack
 configuration from one named sweep: the strategy plus every other attacker factor (all factors except victim, policy,
-budget and seed — so a ``pool`` factor joins by itself). An entry's label names the strategy and those factors that
+budget and seed — so a ``pool`` factor joins by itself) and the attacker's choices (:data:`CHOICES`, e.g. training
+on scores or labels). An entry's label names the strategy and those factors that
 differ between the task's entries. Per budget an entry shows its mean fidelity over seeds and the seed count.
 
 Matched budgets. Entries are ranked by mean fidelity at the *ranking budget*: the largest budget every entry of the
@@ -47,14 +48,14 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from ..errors import DmeError
-from ..extraction import FACTORS, METRIC_NAMES
+from ..extraction import CHOICES, FACTORS, METRIC_NAMES
 from ..tracking import tracking_uri
 from .runs import finished_trials, search_all, trial_row
 
 log = logging.getLogger(__name__)
 
 #: the factors that make an attack configuration (an entry): all but the task's and the matched/averaged ones
-ATTACKER: tuple[str, ...] = tuple(f for f in FACTORS if f not in ("victim", "policy", "budget", "seed"))
+ATTACKER: tuple[str, ...] = (*(f for f in FACTORS if f not in ("victim", "policy", "budget", "seed")), *CHOICES)
 SHOWN = ("accuracy", "adversarial_fidelity", "victim_accuracy", "victim_utility")
 NO_SWEEP_HINT = ("run `bash scripts/quickstart.sh` (or `dme sweep SPEC`) first, or set MLFLOW_TRACKING_URI to the "
                  "store your sweeps used")
@@ -159,7 +160,8 @@ def trial_rows(c: Any, sweeps: list[Sweep]) -> pd.DataFrame:
         rows += [{"sweep": s.name, "experiment_id": s.experiment_id, "parent_run_id": s.run_id, **trial_row(r)}
                  for r in runs]
         s.trials = len(runs)
-    df = pd.DataFrame(rows, columns=["sweep", "experiment_id", "parent_run_id", "run_id", *FACTORS, *METRIC_NAMES])
+    df = pd.DataFrame(rows, columns=["sweep", "experiment_id", "parent_run_id", "run_id", *FACTORS, *CHOICES,
+                                     *METRIC_NAMES])
     df["budget"] = pd.to_numeric(df["budget"], errors="coerce")
     df["seed"] = pd.to_numeric(df["seed"], errors="coerce")
     bad = df["budget"].isna() | df["victim"].isna() | df["policy"].isna() | df["strategy"].isna()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..extraction import FACTORS, METRIC_NAMES
+from ..extraction import CHOICES, FACTORS, METRIC_NAMES, AttackSpec
 
 PAGE = 5000  # runs per search call
 
@@ -43,9 +43,11 @@ def finished_trials(c: Any, experiment_id: str, parent_run_id: str) -> list[Any]
 
 
 def trial_row(run: Any) -> dict[str, Any]:
-    """A trial run as a row: its run id, every factor param (a string, ``None`` if absent), every metric of the
+    """A trial run as a row: its run id, every factor param (a string, ``None`` if absent), every attacker choice
+    param (its default if absent), every metric of the
     result schema (``nan`` if absent) and the cost model's projection, every ``projected_*`` metric the run has (none
     on runs from before projections were logged; the report compares them with the actual ``seconds_*``)."""
     return {"run_id": run.info.run_id, **{k: run.data.params.get(k) for k in FACTORS},
+            **{k: run.data.params.get(k, AttackSpec.model_fields[k].default) for k in CHOICES},
             **{k: run.data.metrics.get(k, math.nan) for k in METRIC_NAMES},
             **{k: v for k, v in run.data.metrics.items() if k.startswith(("projected_", "detection."))}}

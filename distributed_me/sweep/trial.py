@@ -34,7 +34,7 @@ import torch
 from ..attacks import Timer
 from ..cost.history import DEVICE_TAG
 from ..data import load_pool
-from ..extraction import FACTORS, AttackSpec, DefenseCost, Evaluator, run_extraction
+from ..extraction import CHOICES, FACTORS, AttackSpec, DefenseCost, Evaluator, run_extraction
 from ..ownership import save_piracy_model
 from ..plugins import load_plugins
 from ..runner import evaluator_for
@@ -154,7 +154,7 @@ def run_trial(config: dict[str, Any]) -> None:
                        {"dme.trial_id": trial_id, "dme.deployment": deployment,
                         "dme.node": ray.get_runtime_context().get_node_id(), DEVICE_TAG: ctx["cost_device"]},
                        # what the strategy was given, prepared products included (e.g. a features file)
-                       {"strategy_options": attack.strategy_options, "targets": attack.targets})
+                       {"strategy_options": attack.strategy_options, **{k: getattr(attack, k) for k in CHOICES}})
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
