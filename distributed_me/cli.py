@@ -122,14 +122,34 @@ def cmd_defense_train(args: argparse.Namespace) -> int:
             ("built in", f"{kit.meta['build_seconds']:.1f}s")]
     users = [n for n in POLICIES.names() if POLICIES.get(n).needs_kit == args.defense]
     evaluator = evaluator_for(victim, args.data_root, args.download)
+    probe = _probe_images(args.probe_pool, args.probe_images, victim.input_shape, args.seed) if args.probe_pool \
+        else None
     for policy in users:  # what each output policy on this kit costs the defender, with its default parameters
         cost = evaluator.defense_cost(policy)
         assert cost is not None
         rows.append((f"{policy}: utility / agreement", f"{cost.utility:.4f} / {cost.agreement:.4f}  (victim "
                                                        f"accuracy {evaluator.victim_accuracy:.4f})"))
         rows.append((f"{policy}: KL_test / KL_train", f"{cost.kl_test:.4f} / {cost.kl_train:.4f} nats"))
+        if probe is not None:
+            bent = evaluator.bent_answers(policy, probe)
+            assert bent is not None
+            rows.append((f"{policy} on {args.probe_pool}: top-1 kept / KL", f"{bent['agreement']:.4f} / "
+                                                                            f"{bent['kl']:.4f} nats ({len(probe)} "
+                                                                            "pool images)"))
     print(_table(rows, f"defense {args.defense}"))
     return 0
+
+
+def _probe_images(pool: str, n: int, input_shape: tuple[int, int, int], seed: int) -> Any:
+    """``n`` images of ``pool`` (a random sample, seeded) at the victim's input shape."""
+    import numpy as np
+
+    from .data import load_pool, to_tensor
+
+    p = load_pool(pool)
+    c, h, _ = input_shape
+    idx = np.sort(np.random.default_rng(seed).choice(len(p), size=min(n, len(p)), replace=False))
+    return to_tensor(p.get(idx, size=h, channels=c))
 
 
 def _register_version(args: argparse.Namespace, victim: Any, path: Path, defense: str, params: dict[str, Any],
@@ -608,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--seed", type=int, default=0)
     _data_args(dt)
     dt.add_argument("--no-mlflow", action="store_true", help="keep the kit on disk only")
+    dt.add_argument("--probe-pool", help="also show what each policy on the kit does to queries from this pool (an "
+                                         "attacker's): top-1 kept and KL, beside the test split's")
+    dt.add_argument("--probe-images", type=int, default=2000, help="pool images the probe sends (default 2000)")
     dt.add_argument("-q", "--quiet", action="store_true")
     dt.set_defaults(func=cmd_defense_train)
     da = des.add_parser("advft", parents=[common], formatter_class=HelpFormatter,

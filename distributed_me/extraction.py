@@ -195,6 +195,17 @@ class Evaluator:
                                              kl_test=answer_kl(probs, answer), kl_train=kl_train)
         return self._cost[policy]
 
+    def bent_answers(self, policy: str, images: torch.Tensor) -> dict[str, float] | None:
+        """What ``policy`` does to the answers for ``images`` that are not the test split, e.g. an attacker's public
+        pool: the fraction whose top-1 stays the victim's (``agreement``) and KL(victim posterior ‖ answer) (``kl``).
+        A defense that acts on out-of-distribution queries (AM, CIP) shows here whether it takes the pool for OOD;
+        ``None`` without ``policy_answers``."""
+        if self.policy_answers is None:
+            return None
+        probs, answer = self.policy_answers(policy, images)
+        return {"agreement": float(np.mean(np.asarray(answer.labels) == np.asarray(probs).argmax(axis=1))),
+                "kl": answer_kl(probs, answer)}
+
     @property
     def victim_accuracy(self) -> float:
         return accuracy(self.victim_pred, self.labels)

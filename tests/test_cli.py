@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,12 +225,16 @@ def test_defense_train_builds_the_kit_and_prints_the_defenders_cost(capsys):
     from distributed_me.defenses import find_kit
     from distributed_me.victims import load_victim
 
-    code, out, _ = run(capsys, "defense", "train", "--defense", "mad", "--no-mlflow", "-q")
+    code, out, _ = run(capsys, "defense", "train", "--defense", "mad", "--no-mlflow", "-q", "--probe-pool", "photos",
+                       "--probe-images", "200")
     assert code == 0
     assert find_kit(load_victim(None), "mad") is not None
     for needle in ("surrogate_test_accuracy", "mad: utility / agreement", "mad-argmax: KL_test / KL_train",
-                   "(victim accuracy 0.9"):
+                   "(victim accuracy 0.9", "mad on photos: top-1 kept / KL", "(200 pool images)"):
         assert needle in out, out
+    # the argmax-preserving variant keeps every pool answer's top-1, and still bends it (KL > 0)
+    kept, kl = re.search(r"mad-argmax on photos: top-1 kept / KL\s+([\d.]+) / ([\d.]+) nats", out).groups()
+    assert float(kept) == 1.0 and float(kl) > 0, out
 
 
 # ------------------------------------------------------------------ --help lists the registered names

@@ -113,6 +113,19 @@ def test_labels_targets_are_refused_for_a_strategy_that_trains_on_scores_while_i
         AttackSpec(targets="argmax")
 
 
+def test_bent_answers_measure_what_a_policy_does_to_any_images(victim, evaluator):
+    """On images that are not the test split (here noise): probabilities are untouched (top-1 kept, KL 0), a
+    label-only answer keeps the top-1 and withholds the rest (KL > 0), noise changes some top-1s."""
+    x = _pool(200).get(np.arange(200), size=16, channels=1)
+    from distributed_me.data import to_tensor
+
+    images = to_tensor(x)
+    plain, label = evaluator.bent_answers("probabilities", images), evaluator.bent_answers("label", images)
+    assert plain == {"agreement": 1.0, "kl": pytest.approx(0.0, abs=1e-5)}  # answers floored at KL_FLOOR
+    assert label["agreement"] == 1.0 and label["kl"] > 0.1
+    assert evaluator.bent_answers("noise:0.3", images)["agreement"] < 1.0
+
+
 def test_unknown_strategy_option_names_the_options():
     with pytest.raises(DmeError, match="option 'bogus'"):
         QueryStrategy.create("random", {"bogus": 1})
