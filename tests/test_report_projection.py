@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from distributed_me.extraction import FACTORS, METRIC_NAMES
+from distributed_me.extraction import CHOICES, FACTORS, METRIC_NAMES
 from distributed_me.report import publish_report, write_report
 from distributed_me.report.projection import CSV, PLOT, projection_report, sweep_table, trial_frame, within, worst
 from distributed_me.report.runs import trial_row
@@ -126,7 +126,9 @@ def test_trial_rows_carry_the_projection_beside_the_old_columns():
     run = SimpleNamespace(info=SimpleNamespace(run_id="r"), data=SimpleNamespace(
         params={"strategy": "random"}, metrics={"fidelity": 0.5, "projected_seconds_total": 3.0, "other": 1.0}))
     row = trial_row(run)
-    assert list(row)[:1 + len(FACTORS) + len(METRIC_NAMES)] == ["run_id", *FACTORS, *METRIC_NAMES]
+    assert list(row)[:1 + len(FACTORS) + len(CHOICES) + len(METRIC_NAMES)] == ["run_id", *FACTORS, *CHOICES,
+                                                                                 *METRIC_NAMES]
+    assert row["targets"] == "scores"  # a run without the choice's param: the default
     assert row["projected_seconds_total"] == 3.0 and "other" not in row
 
 
