@@ -31,6 +31,12 @@ def test_bundle_has_metadata_and_reloads_identically(tiny_victim):
     assert set(meta["normalization"]) == {"mean", "std"}
     x = torch.rand(7, 1, 8, 8)
     torch.testing.assert_close(load_bundle(path).predict_probs(x), victim.predict_probs(x))
+    # the victim in hand names the same weights as its reload: a defense kit built for a freshly trained victim
+    # (e.g. the embedded one on a machine's first run) is found again once it is loaded from disk
+    from distributed_me.defenses.kits import victim_key
+
+    assert victim.meta.weights_sha256 == meta["weights_sha256"]
+    assert victim_key(victim) == victim_key(load_bundle(path))
 
 
 def test_register_and_resolve_by_name_uri_and_path(tiny_victim):

@@ -19,7 +19,7 @@ from ..errors import DmeError
 from ..metrics import accuracy
 from ..models import NormalizedModel, create_model
 from ..train import TrainConfig, fit, predict_labels
-from .bundle import Victim, VictimMeta, save_bundle
+from .bundle import META_FILE, Victim, VictimMeta, save_bundle
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ def train_victim(
         arch_kwargs=arch_kwargs or {},
     )
     path = save_bundle(out, model, meta)
-    return Victim(model.eval(), meta), path
+    # the meta as written, with the weights' hash: the victim in hand and the same bundle loaded again must name the
+    # same weights (defense kits and other caches are keyed by that hash)
+    return Victim(model.eval(), VictimMeta.model_validate_json((path / META_FILE).read_text())), path
 
 
 def _dataset_ref(spec: str | LabeledDataset, ds: LabeledDataset) -> str:
