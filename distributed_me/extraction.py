@@ -57,6 +57,16 @@ FACTORS: tuple[str, ...] = ("victim", "policy", "pool", "strategy", "budget", "a
 CHOICES: tuple[str, ...] = ("targets",)
 
 
+def refuse_label_targets(strategies: list[str]) -> None:
+    """``targets: labels`` needs a strategy that trains on its collected answers (:meth:`Workbench.train`); a
+    ValueError names the ones that do not. The one rule behind :class:`AttackSpec` and a sweep's ``attack``."""
+    streaming = [s for s in strategies if not ATTACKS.get(s).trains_on_answers]
+    if streaming:
+        why = "; ".join(f"{s!r} trains its student on the API's scores while it queries" for s in streaming)
+        raise ValueError(f"'labels' cannot apply to {', '.join(streaming)}: {why} (no training on collected answers "
+                         "to switch to labels); use targets 'scores' with it, or a strategy that trains on its answers")
+
+
 class AttackSpec(BaseModel):
     """The attacker's choices for one extraction, validated before anything runs. The defaults here are the only
     attacker defaults in the project; ``lr=None`` is the optimizer's paper default (see ``train/optimizers.py``)."""
@@ -89,11 +99,8 @@ class AttackSpec(BaseModel):
     @field_validator("targets")
     @classmethod
     def _targets_reach_the_training(cls, v: str, info: ValidationInfo) -> str:
-        strategy = info.data.get("strategy")
-        if v == "labels" and strategy is not None and not ATTACKS.get(strategy).trains_on_answers:
-            raise ValueError(f"attack {strategy!r} trains its student on the API's scores while it queries (no "
-                             "training on collected answers to switch to labels); use targets 'scores' with it, or a "
-                             "strategy that trains on its answers")
+        if v == "labels" and info.data.get("strategy") is not None:
+            refuse_label_targets([info.data["strategy"]])
         return v
 
     @field_validator("arch")

@@ -300,6 +300,15 @@ def _legacy_layout(resume_path: Path) -> bool:
     return any(k.startswith("ctx/") for k in keys)
 
 
+def _settled(res: Any, early_stopping: bool) -> bool:
+    """Whether a Tune result is a trial that ended for good: it failed, it reported its completed result, or, under
+    an early-stopping scheduler, the scheduler stopped it after a report. A trial Ctrl-C stopped is none of these."""
+    if res.error is not None:
+        return True
+    metrics = res.metrics or {}
+    return bool(metrics.get("completed")) or (early_stopping and bool(metrics))
+
+
 def _tuner(spec: SweepSpec, ctx: dict[str, Any], storage: Path, gpus: bool, resume_path: Path | None,
            on_progress: Callable[[str], None] | None, on_status: Callable[[str], None] | None = None):
     from ray import tune
@@ -449,11 +458,12 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
-        # on SIGINT Tune saves its state and returns instead of raising: trials it stopped are neither terminated
-        # nor errored. Such a sweep is KILLED, not FINISHED (its partial trials phase must not teach the cost model
-        # that the sweep is short), and skips the benign-client pass and the report
+        # on SIGINT Tune saves its state and returns instead of raising. Such a sweep is KILLED, not FINISHED (its
+        # partial trials phase must not teach the cost model that the sweep is short), and skips the benign-client
+        # pass and the report. Tune may record a trial it stopped as TERMINATED, so its counts cannot tell: a trial
+        # settled only by failing, completing, or (with ASHA) being stopped by the scheduler after a report
         total = len(spec.grid()) if spec.search.kind == "grid" else spec.search.num_samples
-        interrupted = grid.num_terminated + grid.num_errors < total
+        interrupted = sum(_settled(res, spec.asha is not None) for res in grid) < total
         deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
         if not interrupted:
             with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ..attacks import ATTACKS
 from ..defenses import parse_policy
 from ..errors import DmeError, explain_validation_error
-from ..extraction import FACTORS, AttackSpec
+from ..extraction import FACTORS, AttackSpec, refuse_label_targets
 from ..models import MODELS
 from ..parity import PaperTable, matches
 from ..plugins import load_plugins
@@ -118,10 +118,8 @@ class AttackFactors(BaseModel):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: str, info: ValidationInfo) -> str:
-        streaming = [s for s in info.data.get("strategy", []) if not ATTACKS.get(s).trains_on_answers]
-        if v == "labels" and streaming:
-            raise ValueError(f"'labels' cannot apply to {', '.join(streaming)}: they train their student on the "
-                             "API's scores while they query; run them in a sweep with targets 'scores'")
+        if v == "labels":
+            refuse_label_targets(info.data.get("strategy", []))
         return v
 
 
