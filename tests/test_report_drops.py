@@ -36,3 +36,15 @@ def test_each_defended_trial_is_paired_with_its_undefended_twin():
 def test_a_sweep_without_the_undefended_api_gets_no_drop_columns():
     df = _rows()
     assert "fidelity_drop" not in with_drops(df[df["policy"] != "probabilities"])
+
+
+def test_the_tradeoff_curve_never_pools_budgets():
+    """A grid that runs one policy at a budget the others skip (``exclude:``) must not rank that policy by its budget:
+    each point averages seeds at one budget only."""
+    from distributed_me.report import tradeoff_points
+
+    points = tradeoff_points(_rows()).set_index(["budget", "strategy", "policy"])
+    assert points.loc[(1000, "knockoff", "cip"), "fidelity"] == pytest.approx((0.50 + 0.40) / 2)
+    assert points.loc[(4000, "knockoff", "am"), "fidelity"] == pytest.approx(0.5)
+    assert (1000, "knockoff", "am") not in points.index
+    assert len(points) == 4

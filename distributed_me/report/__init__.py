@@ -169,33 +169,46 @@ def _lines(df: pd.DataFrame, by: str, path: Path, title: str) -> Path:
     return path
 
 
+def tradeoff_points(df: pd.DataFrame) -> pd.DataFrame:
+    """The trade-off curve's points: per budget, attack and output policy, the defender's costs and the attacker's
+    fidelity, averaged over seeds only. Budgets are never pooled: a grid that runs some policies at a budget others
+    skip (``exclude:``) would otherwise rank those policies by budget instead of by defense."""
+    costs = [c for c in ("victim_utility", "victim_kl") if c in df and df[c].notna().any()]
+    return df.groupby(["budget", "strategy", "policy"])[[*costs, "fidelity"]].mean().reset_index()
+
+
 def _tradeoff(df: pd.DataFrame, path: Path) -> Path:
-    """Victim utility (and KL) against attacker fidelity, one point per output policy and attack (means over budgets
-    and seeds), one colour per attack: the defenses' trade-off curve."""
+    """Victim utility (and KL) against attacker fidelity, one point per output policy and attack (means over seeds),
+    one colour per attack, one row of panels per budget: the defenses' trade-off curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    m = tradeoff_points(df)
     # the defender's two costs: top-1 utility, and (when recorded) how far the answers are from the posterior (KL)
-    costs = [c for c in ("victim_utility", "victim_kl") if c in df and df[c].notna().any()]
-    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4.5), squeeze=False)
-    m = df.groupby(["strategy", "policy"])[[*costs, "fidelity"]].mean().reset_index()
+    costs = [c for c in ("victim_utility", "victim_kl") if c in m]
+    budgets = sorted(m["budget"].unique())
+    colour = {s: f"C{i}" for i, s in enumerate(sorted(m["strategy"].unique()))}  # one colour per attack, every panel
+    fig, axes = plt.subplots(len(budgets), len(costs), figsize=(6 * len(costs), 4.5 * len(budgets)), squeeze=False)
     labels = {"victim_utility": "victim utility (accuracy of the API's labels)",
               "victim_kl": "KL(victim posterior ‖ API answer), nats"}
-    for ax, cost in zip(axes[0], costs):
-        for strategy, g in m.groupby("strategy"):
-            g = g.sort_values(cost)
-            ax.plot(g[cost], g["fidelity"], marker="o", label=str(strategy), alpha=0.85)
-            for _, r in g.iterrows():
-                ax.annotate(str(r["policy"]), (r[cost], r["fidelity"]), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
-        ax.set(xlabel=labels[cost], ylabel="attacker fidelity (mean over budgets and seeds)", ylim=(0, 1.05),
-               title=f"defenses: {cost.removeprefix('victim_')} vs. extraction")
-        if cost == "victim_utility":
-            ax.set_xlim(max(0.0, float(m[cost].min()) - 0.05), 1.0)
-        ax.legend(title="attack", fontsize=8)
-        ax.grid(alpha=0.3)
+    for row, budget in zip(axes, budgets):
+        at = m[m["budget"] == budget]
+        for ax, cost in zip(row, costs):
+            for strategy, g in at.groupby("strategy"):
+                g = g.sort_values(cost)
+                ax.plot(g[cost], g["fidelity"], marker="o", label=str(strategy), alpha=0.85, color=colour[strategy])
+                for _, r in g.iterrows():
+                    ax.annotate(str(r["policy"]), (r[cost], r["fidelity"]), fontsize=7, xytext=(4, 3),
+                                textcoords="offset points")
+            ax.set(xlabel=labels[cost], ylabel="attacker fidelity (mean over seeds)", ylim=(0, 1.05),
+                   title=f"defenses at {int(budget):,} queries: {cost.removeprefix('victim_')} vs. extraction")
+            if cost == "victim_utility":
+                lo, hi = float(m[cost].min()), float(m[cost].max())
+                ax.set_xlim(max(0.0, lo - 0.03), min(1.0, hi + 0.03))
+            ax.legend(title="attack", fontsize=8)
+            ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
