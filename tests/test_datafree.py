@@ -271,10 +271,12 @@ def _learn(digits, name, budget, options):
 
 
 def test_disguide_learns_the_digits_victim_without_data(digits):
-    """No data at all, only the API: 1,500 queries in batches of 32 and the CNN32 soft vote agrees with the victim on
-    its test split above chance (0.1 on ten classes): measured 0.18 (about 20 s on a loaded 2-core machine)."""
-    fidelity = _learn(digits, "disguide", 1500, {"batch_size": 32, "nz": 32, "ngf": 8, "rep_iter": 2})
-    assert fidelity > 0.14, f"fidelity {fidelity:.3f}"
+    """No data at all, only the API: 3,000 queries in batches of 32 and the CNN32 soft vote agrees with the victim on
+    its test split well above chance (0.1 on ten classes): measured 0.41 (about 21 s on a 2-core machine). At 1,500
+    queries the generator is at its learning onset and the embedded victim, trained anew on each machine, decides:
+    0.18 on one machine, 0.124 on another; 3,000 leaves a margin."""
+    fidelity = _learn(digits, "disguide", 3000, {"batch_size": 32, "nz": 32, "ngf": 8, "rep_iter": 2})
+    assert fidelity > 0.25, f"fidelity {fidelity:.3f}"
 
 
 @pytest.mark.slow
