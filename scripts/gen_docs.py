@@ -197,7 +197,8 @@ def page_index() -> str:
 def page_victims() -> str:
     return "\n\n".join([
         "## Victims", module_doc("distributed_me/victims/store.py"), "## The API on Ray Serve",
-        module_doc("distributed_me/serving/app.py"), "## Accounting: keys, budgets, the query log",
+        module_doc("distributed_me/serving/app.py"), "## The gate every answer crosses",
+        module_doc("distributed_me/serving/gate.py"), "## Accounting: keys, budgets, the query log",
         module_doc("distributed_me/serving/ledger.py"), "## Clients", module_doc("distributed_me/http_oracle.py"),
         module_doc("distributed_me/serving/clients.py"), "## The serve config",
         module_doc("distributed_me/serving/spec.py"), schema_tables(ServeSpec, "ServeSpec")])
@@ -255,7 +256,8 @@ def page_sweeps() -> str:
     return "\n\n".join([
         "## The spec", module_doc("distributed_me/sweep/spec.py"), "## Sweep files",
         table(["file", "description", "presets"], files), "## What the driver does",
-        module_doc("distributed_me/sweep/runner.py"), "## One trial", module_doc("distributed_me/sweep/trial.py"),
+        module_doc("distributed_me/sweep/runner.py"), "## Victims: the sweep's own app, or a service sweeps join",
+        module_doc("distributed_me/sweep/service.py"), "## One trial", module_doc("distributed_me/sweep/trial.py"),
         "## Console output", module_doc("distributed_me/sweep/progress.py"), "## Fields",
         schema_tables(SweepSpec, "SweepSpec")])
 

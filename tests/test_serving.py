@@ -42,6 +42,7 @@ def _spec(log_dir: str) -> dict:
             {"key": "key-unlimited", "budget": None},
             {"key": BUDGET_KEY, "budget": BUDGET, "victims": ["digits"]},
             {"key": "key-kill-test", "budget": None, "victims": ["digits"]},
+            {"key": "key-kill-handle", "budget": None, "victims": ["digits"]},
             {"key": "key-label-only", "budget": 100000, "victims": ["digits-label"]},
             {"key": "key-exhaust-1", "budget": 3},
             {"key": "key-query-log", "budget": None, "victims": ["digits-label"]},
@@ -261,6 +262,50 @@ def test_replica_killed_under_load_loses_and_double_counts_nothing(service, http
     assert mine["request_id"].is_unique and len(mine) == len(answered)
     print(f"\nvictim replica killed: sent {n_requests} requests of {per_request} images, answered {len(answered)}, "
           f"refused {len(refused)} (503); charged = logged = {usage['used']} images")
+
+
+def test_handle_path_is_one_hop_and_a_killed_replica_leaves_no_charge_without_an_answer(service, http, caplog):
+    """In-cluster clients call the victim's own deployment (one hop), whose gate charges in parallel with the local
+    forward. A replica killed under load takes its gate with it: the client, which chose each request's id, refunds
+    the lost attempt and retries on the surviving replica. Every query ends answered, and images answered = charged
+    = logged."""
+    import ray
+
+    from distributed_me.serving.clients import HandleOracle
+    from distributed_me.serving.ledger import read_query_log, read_refunds
+    from distributed_me.serving.runtime import flush_query_log
+
+    key, n_queries, per_query = "key-kill-handle", 48, 512
+    _wait(lambda: _serve_replicas("victim-digits") == 2, 120, "two replicas of digits")
+    refunds_before = read_refunds(service["log"])
+    answered: list[int] = []
+    oracles = [HandleOracle("digits", key) for _ in range(6)]
+
+    def client(i):
+        answer = oracles[i % len(oracles)].query(_images(per_query, seed=10_000 + i))
+        assert len(answer.labels) == per_query
+        answered.append(i)
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "victim-digits#" in a["name"]]
+    with ThreadPoolExecutor(6) as ex:
+        futures = [ex.submit(client, i) for i in range(n_queries)]
+        _wait(lambda: len(answered) >= 8, 60, "load to build up")
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        for f in futures:
+            f.result(timeout=180)  # every query answered, the lost attempts retried
+    lost_attempts = sum("the replica failed the request" in r.getMessage() for r in caplog.records)
+    assert lost_attempts, "no attempt was lost with the replica: the refund path never ran; this test proves nothing"
+    lost = read_refunds(service["log"]) - refunds_before
+    usage = http.get("/v1/victims/digits/usage", headers={"X-API-Key": key}).json()
+    flush_query_log()
+    log = read_query_log(service["log"]).to_pandas()
+    mine = log[log["key"] == _fp(service, key)]
+    assert len(answered) == n_queries
+    assert usage["used"] == per_query * n_queries == mine["count"].sum()
+    assert mine["request_id"].is_unique and len(mine) == n_queries and not set(mine["request_id"]) & lost
+    print(f"\nvictim replica killed under handle load: {n_queries} queries of {per_query} images all answered, "
+          f"{lost_attempts} attempts lost with the replica, {len(lost)} refunds sent by the client; "
+          f"charged = logged = {usage['used']} images")
 
 
 def test_autoscaling_up_under_load_and_back_down(http):

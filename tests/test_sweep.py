@@ -130,6 +130,39 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert "sgd" in report.table and "label" in report.table
 
 
+def test_a_sweep_joins_the_long_lived_victim_service_an_earlier_sweep_left_running(sweep_env):
+    """``keep_victims``: the first sweep deploys the service and leaves it running; the next sweep needing the same
+    victims joins it (no deployment of its own), its trials' keys are new clients of the same ledger, and the
+    service's query log (under DME_HOME, absolute) holds both sweeps' queries."""
+    from ray import serve
+
+    from distributed_me.serving.ledger import read_query_log
+    from distributed_me.sweep import service
+    from distributed_me.sweep.runner import run_sweep
+    from distributed_me.sweep.spec import parse_sweep
+
+    over = {"policies": ["probabilities"], "attack": {"optimizer": "adam", "epochs": 1},
+            "resources": {"keep_victims": True}}
+    import pandas as pd
+
+    started = pd.Timestamp.now(tz="UTC")
+    lines: list[str] = []
+    try:
+        first = run_sweep(parse_sweep(_doc("service-a", **over)), num_cpus=2)
+        apps = [name for name in serve.status().applications if name.startswith("victims-")]
+        assert len(apps) == 1 and service.running(apps[0]), serve.status().applications  # left running
+        assert first.seconds["deploy_background"] > 0 and first.errors == []
+        second = run_sweep(parse_sweep(_doc("service-b", **over)), num_cpus=2, on_progress=lines.append)
+        assert f"joining the running victim service {apps[0]}" in lines
+        assert second.seconds["deploy_background"] == 0 and second.errors == [] and len(second.rows) == 1
+        assert service.running(apps[0])
+    finally:
+        _shutdown_ray()
+    log = read_query_log(sweep_env["home"] / "serving" / apps[0] / "querylog").to_pandas()
+    mine = log[log["time"] >= started]
+    assert mine["count"].sum() == 2 * 60 and mine["key"].nunique() == 2  # one fresh key per trial, one ledger
+
+
 def test_a_sweep_over_the_cost_limit_is_refused_before_anything_starts(sweep_env):
     """Priced on the cluster it joined, over the limit: refused with the projection, the cpu-small preset (with its
     own projection) and the flag, before the MLflow parent run, the Serve app or any trial."""

@@ -1,5 +1,6 @@
 """Sweep specs are validated before anything starts: good specs expand to the right grid, bad ones name the problem."""
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -252,7 +253,7 @@ def test_exclude_drops_exactly_the_matching_points_and_names_a_dead_entry():
 def test_only_the_victim_policy_pairs_some_trial_uses_are_deployed(tmp_path):
     """An excluded pair gets no Serve deployment (nor kits, nor a defender's cost): the advft sweep's CPU preset
     leaves AdvFT x DP / CIP out, and must not deploy and build CIP's kit for a victim no trial queries that way."""
-    from distributed_me.sweep.runner import serve_args
+    from distributed_me.sweep.service import serve_args
 
     doc = {"name": "x", "victims": [{"name": "plain", "source": "embedded"}, {"name": "prot", "source": "embedded"}],
            "policies": ["probabilities", "label", "topk:2"], "attack": {"budget": [100, 300]},
@@ -282,3 +283,23 @@ def test_the_attackers_targets_reach_every_trial_and_labels_are_refused_for_stre
     assert attack_spec(ctx, spec.grid()[0]).targets == "scores"
     with pytest.raises(DmeError, match=r"attack\.targets.*'labels' cannot apply to dfme"):
         parse_sweep({**doc, "attack": {"strategy": ["random", "dfme"], "targets": "labels"}})
+
+
+def test_a_victim_service_is_named_by_what_it_serves_so_a_stale_one_is_never_joined(tmp_path):
+    """The same victims, bundles and policies give the same service; another policy, or a bundle retrained in place
+    (size or modification time), another one; without ``keep_victims`` the app is the sweep's own."""
+    from distributed_me.sweep.service import victim_app
+
+    bundle = tmp_path / "victim.pt"
+    bundle.write_bytes(b"weights")
+    doc = {"name": "s", "victims": [{"name": "v", "source": str(bundle)}], "policies": ["probabilities"],
+           "resources": {"keep_victims": True}}
+    spec = parse_sweep(doc)
+    app = victim_app(spec, {"v": str(bundle)}, tmp_path)
+    assert app.shared and app.name.startswith("victims-") and Path(app.args["query_log"]).is_absolute()
+    assert victim_app(parse_sweep({**doc, "name": "other"}), {"v": str(bundle)}, tmp_path / "x").name == app.name
+    assert victim_app(parse_sweep({**doc, "policies": ["label"]}), {"v": str(bundle)}, tmp_path).name != app.name
+    os.utime(bundle, ns=(1, 1))
+    assert victim_app(spec, {"v": str(bundle)}, tmp_path).name != app.name
+    own = victim_app(parse_sweep({**doc, "resources": {}}), {"v": str(bundle)}, tmp_path)
+    assert (own.name, own.shared, own.args["query_log"]) == ("sweep-s", False, str(tmp_path / "querylog"))

@@ -141,14 +141,16 @@ class _Hop:
 def serving_floor(x, num_classes: int, url: str | None, n: int, name: str = "dme-serve-floor") -> dict[str, float]:
     """Milliseconds per sequential request of ``x`` through Serve's two hops with no work at either (handle, and HTTP
     at ``url`` + ``/NAME`` when the app's proxy runs): the least per-request overhead of an ingress + replica design
-    on this machine. Deploys on the running Serve instance and deletes the app after."""
+    on this machine; and by handle straight to the no-op replica (``handle_one_hop``), the least of any Serve handle
+    call carrying ``x``. Deploys on the running Serve instance and deletes the app after."""
     import io
 
     import numpy as np
 
     handle = serve.run(_Hop.options(name=f"{name}-hop").bind(_Echo.options(name=f"{name}-echo").bind(num_classes)),
                        name=name, route_prefix=f"/{name}")
-    steps = {"handle": lambda: handle.answer.remote(x).result()}
+    echo = serve.get_deployment_handle(f"{name}-echo", name)
+    steps = {"handle": lambda: handle.answer.remote(x).result(), "handle_one_hop": lambda: echo.remote(x).result()}
     client = None
     if url is not None:
         import httpx

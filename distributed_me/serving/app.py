@@ -4,7 +4,9 @@ Four deployments:
 
 - ``VictimReplica`` (one deployment per victim): loads the bundle, runs batched forward passes (``@serve.batch``,
   counting images, not requests) and applies the victim's output policy — the defense — before anything leaves it;
-  autoscaled, on a GPU fraction when the cluster has GPUs, on CPUs otherwise;
+  autoscaled, on a GPU fraction when the cluster has GPUs, on CPUs otherwise. Its ``answer`` is the in-cluster
+  clients' path (``HandleOracle``, Tune trials): the same :class:`~.gate.Gate` as the ingress runs, around a local
+  forward, so a handle request is one Serve hop;
 - ``Accountant`` (one replica): the :class:`~distributed_me.serving.ledger.Ledger` of keys, budgets and the query log,
   so a budget holds across all victim replicas;
 - ``Watchman`` (one replica, only when a victim has detectors): the per-key detector states
@@ -14,8 +16,8 @@ Four deployments:
 - ``Ingress``: FastAPI routes (OpenAPI at ``/docs``, rendered without any CDN), and the order a hostile Internet
   needs: the key is checked before a byte of the body is read (unknown keys cost one cached lookup, never a read or a
   decode); the body is read in chunks against the size limit and a deadline, within a per-key concurrency limit;
-  every malformed body is a JSON 4xx; then charge → predict (→ refund when no answer comes out). Its
-  :meth:`Ingress.answer` is also what the handle Oracle calls, so handle and HTTP clients meet the same boundary.
+  every malformed body is a JSON 4xx; then the gate: charge ∥ predict on a victim replica (→ refund when no answer
+  comes out). HTTP and handle clients meet the same boundary, :class:`~.gate.Gate`.
 
 ``build_app(args)`` is the application builder named by ``import_path`` in ``deployments/*.yaml``.
 """
@@ -25,7 +27,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ from ..http_oracle import API_KEY_HEADER, CONCURRENCY_DETAIL
 from ..oracle import OracleInfo
 from ..train import probs_from_logits
 from ..victims import load_victim, victim_bundle_path
-from ..wire import WireError, decode_body, input_hash, validate_images
+from ..wire import WireError, decode_body
 from .docs_page import DOCS_PAGE
+from .gate import Gate
 from .ledger import Ledger
 from .spec import Client, ServeSpec, VictimService, parse_serve_spec
 from .watch import Watch, parse_rules
@@ -96,7 +98,9 @@ class VictimReplica:
     #: previous one within microseconds; a client's next request comes at least a network round trip later)
     IDLE_S = 0.001
 
-    def __init__(self, service: dict, bundle_path: str | None = None, query_log: str | None = None):
+    def __init__(self, service: dict, bundle_path: str | None = None, query_log: str | None = None,
+                 spec: dict | None = None, accountant: DeploymentHandle | None = None,
+                 watchman: DeploymentHandle | None = None):
         threads = int(os.environ.get("DME_TORCH_THREADS", "1"))
         torch.set_num_threads(threads)
         self.svc = VictimService.model_validate(service)
@@ -113,12 +117,32 @@ class VictimReplica:
                                policy=self.policy.describe())
         self._active = 0  # predict calls in flight on this replica
         self._idle_since = 0.0  # when the last of them ended
+        # the one-hop handle path (``answer``): the same gate as the HTTP ingress, against the same accounting replica
+        self.gate = (Gate(ServeSpec.model_validate(spec), accountant, watchman)
+                     if spec is not None and accountant is not None else None)
         self._forward.set_max_batch_size(self.svc.max_batch_size)
         self._forward.set_batch_wait_timeout_s(self.svc.batch_wait_timeout_s)
         log.info("victim %s ready (%s, %d torch threads)", self.svc.name, source, threads)
 
     def info(self) -> dict:
         return self.meta.to_dict()
+
+    async def _public_meta(self) -> dict:
+        return self.meta.to_dict()
+
+    async def answer(self, key: str | None, images: np.ndarray, request_id: str | None = None) -> tuple[int, dict]:
+        """The predict path for in-cluster clients (``HandleOracle``): key, budget, input checks, detectors and the
+        query log exactly as through the ingress (:class:`~.gate.Gate`), but the forward is local, so a request is
+        one Serve hop, not two. ``request_id`` (the client's) lets the client refund a request whose answer it never
+        got because this replica died after the charge."""
+        if self.gate is None:
+            return 503, {"detail": f"victim {self.svc.name!r} is not deployed with its gate: query it through the "
+                                   "ingress"}
+
+        def forward(x: np.ndarray, stream: str, degraded: bool, with_probs: bool) -> asyncio.Task:
+            return asyncio.ensure_future(self.predict(x, stream, degraded, with_probs))
+
+        return await self.gate.answer(key, self.svc.name, images, self._public_meta, forward, request_id)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _forward(self, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -257,13 +281,6 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def _remember(cache: dict, key: Any, value: Any, limit: int = 10_000) -> None:
-    """A per-key cache that cannot grow without bound under a flood of distinct keys: full, it starts over."""
-    if len(cache) >= limit:
-        cache.clear()
-    cache[key] = value
-
-
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -272,16 +289,10 @@ class Ingress:
         self.spec = ServeSpec.model_validate(spec)
         self.victims = victims
         self.accountant = accountant
-        self.watchman = watchman
-        self._watched = {v.name for v in self.spec.victims if v.detectors} if watchman is not None else set()
+        self.gate = Gate(self.spec, accountant, watchman)
         self._info: dict[str, dict] = {}
-        self._authorized: dict[tuple[str, str], tuple[float, str]] = {}  # (key, victim) → (trusted until, fingerprint)
-        self._refused: dict[tuple[str, str], float] = {}  # (key, victim) → until when charges go first (after a 429)
         self._per_key: dict[str, int] = {}  # requests in flight per key (this ingress replica)
-        self._refunds: set[asyncio.Task] = set()
-        self._answering = 0  # batches between their charge and their answer (or refund), on this ingress replica
         self._reading = 0  # requests past the key check whose body is still arriving, on this ingress replica
-        self._checking = 0  # key checks waiting for the accounting replica (uncached keys, e.g. wrong ones)
 
     async def _meta(self, victim: str) -> dict:
         if victim not in self._info:
@@ -289,132 +300,18 @@ class Ingress:
             self._info[victim] = {**info, "policy": []}  # the defense's parameters are the provider's business
         return self._info[victim]
 
-    async def _authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
-        """(status, detail, the key's fingerprint): the key check that runs before any body is read. No key is
-        refused here; a key seen authorized within ``auth_cache_s`` costs nothing; others one accounting call."""
-        if not key:
-            return 401, "missing API key: send it in the X-API-Key header", ""
-        now = time.monotonic()
-        until, fingerprint = self._authorized.get((key, victim), (0.0, ""))
-        if until > now:
-            return 200, "", fingerprint
-        if self._checking >= self.spec.max_pending_key_checks:  # a flood of unknown keys must not queue forever
-            return 503, "too many key checks in flight: retry", ""
-        self._checking += 1
-        try:
-            status, detail, fingerprint = await self.accountant.authorize.remote(key, victim)
-        finally:
-            self._checking -= 1
-        if status == 200:
-            _remember(self._authorized, (key, victim), (now + self.spec.auth_cache_s, fingerprint))
-        return status, detail, fingerprint
-
-    def _refund_later(self, request_id: str) -> None:
-        """Refund in a task of its own, retried until the accounting replica takes it (it may be restarting), so a
-        cancelled request or a dead accountant never leaves a charge without an answer."""
-        task = asyncio.get_running_loop().create_task(self._refund(request_id))
-        self._refunds.add(task)
-        task.add_done_callback(self._refunds.discard)
-
-    async def _refund(self, request_id: str) -> None:
-        deadline, delay = time.monotonic() + self.spec.refund_window_s / 2, 0.2
-        while True:
-            try:
-                await self.accountant.refund.remote(request_id)
-                return
-            except Exception as e:
-                if time.monotonic() > deadline:
-                    log.error("refund of request %s gave up (%s): it stays charged", request_id, e)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
+    async def _victim_meta(self, victim: str) -> dict:
+        if victim not in self.victims:
+            raise WireError(404, f"no victim named {victim!r}; hosted: {', '.join(sorted(self.victims))}")
+        return await self._meta(victim)
 
     async def answer(self, key: str | None, victim: str, images: np.ndarray) -> tuple[int, dict]:
-        """The whole predict path for an already-decoded batch: (HTTP status, JSON body)."""
-        self._answering += 1
-        try:
-            return await self._answer(key, victim, images)
-        finally:
-            self._answering -= 1
+        """The whole predict path for an already-decoded batch: (HTTP status, JSON body), the forward on a victim
+        replica (two hops; in-cluster clients take the one-hop ``VictimReplica.answer``)."""
+        def forward(x: np.ndarray, stream: str, degraded: bool, with_probs: bool) -> Any:
+            return self.victims[victim].predict.remote(x, stream, degraded, with_probs)
 
-    async def _answer(self, key: str | None, victim: str, images: np.ndarray) -> tuple[int, dict]:
-        # 401/403 come before input errors: a stranger learns nothing about the victim's input format
-        status, detail, stream = await self._authorize(key, victim)
-        if status != 200:
-            return status, {"detail": detail}
-        try:
-            if victim not in self.victims:
-                raise WireError(404, f"no victim named {victim!r}; hosted: {', '.join(sorted(self.victims))}")
-            meta = await self._meta(victim)
-            if not images.flags.writeable:  # arrays from Ray's object store are read-only; torch wants its own
-                images = images.copy()
-            x = validate_images(images, tuple(meta["input_shape"]), self.spec.max_request_images)
-        except WireError as e:
-            return e.status, {"detail": e.detail}
-        watched = victim in self._watched
-        degraded = False
-        if watched:  # a blocked key is refused before it is charged; a degraded one gets the degrade policy
-            try:
-                key_status = await self.watchman.status.remote(victim, stream)
-            except Exception as e:
-                log.warning("detectors of %s failed a status check: %s", victim, e)
-                return 503, {"detail": f"detectors unavailable ({type(e).__name__}); nothing was charged: retry"}
-            if key_status["status"] == "block":
-                return 403, {"detail": f"this key is blocked from victim {victim!r} by a detector: "
-                                       f"{key_status['reason']}"}
-            degraded = key_status["status"] == "degrade"
-        request_id = uuid.uuid4().hex
-        # the forward runs while the charge is decided (one accounting round trip off the critical path); its answer
-        # is returned only once the charge stands. A key refused recently is charged first, so a spent budget cannot
-        # buy free forward passes
-        refused_until = self._refused.get((key, victim), 0.0)
-        forward = (x.numpy(), stream, degraded, watched)
-        predict = self.victims[victim].predict.remote(*forward) if refused_until < time.monotonic() else None
-        charge = self.accountant.charge.remote(key, victim, len(x), input_hash(x), request_id)
-        try:
-            status, detail, _ = await charge
-        except asyncio.CancelledError:
-            self._refund_later(request_id)
-            if predict is not None:
-                predict.cancel()
-            raise
-        except Exception as e:  # the accounting replica died mid-call: the charge may have landed; take it back
-            self._refund_later(request_id)
-            if predict is not None:
-                predict.cancel()
-            log.warning("accounting failed a charge: %s", e)
-            return 503, {"detail": f"accounting unavailable ({type(e).__name__}); nothing was charged: retry"}
-        if status != 200:
-            if predict is not None:
-                predict.cancel()
-            if status == 429:
-                _remember(self._refused, (key, victim), time.monotonic() + self.spec.auth_cache_s)
-            return status, {"detail": detail}
-        self._refused.pop((key, victim), None)
-        try:
-            if predict is None:
-                predict = self.victims[victim].predict.remote(*forward)
-            body = await predict
-        except asyncio.CancelledError:  # the client went away before its answer existed
-            self._refund_later(request_id)
-            raise
-        except Exception as e:  # a replica died or failed: nothing was answered, so nothing stays charged
-            self._refund_later(request_id)
-            log.warning("victim %s failed a request: %s", victim, e)
-            return 503, {"detail": f"victim {victim!r} could not answer ({type(e).__name__}); nothing was charged: "
-                                   "retry"}
-        if watched:  # observed (journaled) before the answer leaves; a detector that fails takes the answer back
-            body, probs = body
-            try:
-                await self.watchman.observe.remote(victim, stream, forward[0], probs)
-            except asyncio.CancelledError:
-                self._refund_later(request_id)
-                raise
-            except Exception as e:
-                self._refund_later(request_id)
-                log.warning("detectors of %s failed to observe a request: %s", victim, e)
-                return 503, {"detail": f"detectors unavailable ({type(e).__name__}); nothing was charged: retry"}
-        return 200, body
+        return await self.gate.answer(key, victim, images, lambda: self._victim_meta(victim), forward)
 
     async def victim_meta(self, victim: str) -> tuple[int, dict]:
         """Public metadata for handle clients: (status, body) as the HTTP route would answer."""
@@ -446,7 +343,7 @@ class Ingress:
               responses=_responses(400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 503))
     async def predict(self, name: str, request: Request):
         key = request.headers.get(API_KEY_HEADER)
-        status, detail, _ = await self._authorize(key, name)  # before a byte of the body is read
+        status, detail, _ = await self.gate.authorize(key, name)  # before a byte of the body is read
         if status != 200:
             return _error(status, detail)
         assert key is not None
@@ -487,8 +384,9 @@ class Ingress:
 
     @api.get("/v1/health", summary="Liveness, and the work this ingress replica has in flight")
     async def health(self) -> dict:
-        return {"status": "ok", "victims": sorted(self.victims), "time": time.time(), "answering": self._answering,
-                "pending_refunds": len(self._refunds), "reading_bodies": self._reading, "checking_keys": self._checking}
+        return {"status": "ok", "victims": sorted(self.victims), "time": time.time(), "answering": self.gate.answering,
+                "pending_refunds": len(self.gate.refunds), "reading_bodies": self._reading,
+                "checking_keys": self.gate.checking}
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self) -> HTMLResponse:
@@ -513,6 +411,10 @@ def build_app(args: dict[str, Any]) -> Application:
     # resolved where the app is built: every replica, on any node and after any restart, uses this one absolute path
     spec = spec.model_copy(update={"query_log": str(spec.query_log_path())})
     gpus = cluster_has_gpus()
+    placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
+    accountant = Accountant.options(**placed).bind(spec.model_dump())
+    watchman = (Watchman.options(**placed).bind(spec.model_dump()) if any(v.detectors for v in spec.victims)
+                else None)
     victims = {}
     for svc in spec.victims:
         # resolved where the app is built (trains the embedded victim if needed); a replica on a node where that
@@ -520,9 +422,5 @@ def build_app(args: dict[str, Any]) -> Application:
         bundle = str(victim_bundle_path(svc.source))
         check_kits(svc, bundle)
         victims[svc.name] = VictimReplica.options(**replica_options(svc, gpus, spec.resources)).bind(
-            svc.model_dump(), bundle, spec.query_log)
-    placed = {"ray_actor_options": {"num_cpus": 0, "resources": dict(spec.resources)}} if spec.resources else {}
-    accountant = Accountant.options(**placed).bind(spec.model_dump())
-    watchman = (Watchman.options(**placed).bind(spec.model_dump()) if any(v.detectors for v in spec.victims)
-                else None)
+            svc.model_dump(), bundle, spec.query_log, spec.model_dump(), accountant, watchman)
     return Ingress.options(**placed).bind(victims, accountant, spec.model_dump(), watchman)

@@ -10,12 +10,15 @@ the client went away before the answer was computed, the accounting replica died
 - an answer is never handed out uncharged: the charge is durable before the victim is even asked, and survives the
   accounting replica's death (a restarted ledger rebuilds usage from the journal);
 - nothing is ever *held*: there are no reservations to leak, so a dropped client cannot lock a budget;
-- both calls are idempotent by the request id the ingress chooses: a charge retried after a lost reply is not
-  counted twice, and a refund of a charge that never landed (the accounting replica died before writing it) is a
-  no-op. A refund is accepted within ``refund_window_s`` of its charge (rebuilt after a restart from the log's times).
+- both calls are idempotent by the request id the gate (or a handle client) chooses: a charge retried after a lost
+  reply is not counted twice, and a refund of a charge that never landed (the accounting replica died before writing
+  it) is a no-op. A refund is accepted within ``refund_window_s`` of its charge (rebuilt after a restart from the
+  log's times).
 
-The one case the design leaves charged without an answer is the ingress process itself dying between the charge and
-the answer (the refund dies with it): the provider's side of the trade, never the attacker's.
+The one case the design leaves charged without an answer is the process running the gate dying between the charge
+and the answer (the refund dies with it) with no one left to refund: the HTTP ingress (a victim replica dying under
+it is refunded by the ingress), never a victim replica on the handle path, whose client chose the request id and
+refunds it. The provider's side of the trade, never the attacker's.
 
 The query log is a folder of Parquet parts (``part-*.parquet``) plus a journal (``journal.jsonl``) of rows not yet
 compacted into a part, plus ``refunds.jsonl`` (the ids of refunded charges). :func:`read_query_log` returns the

@@ -3,7 +3,8 @@
 - :mod:`.spec` — the typed sweep spec and its grid (plain Python);
 - :mod:`.tracking` — MLflow parent/child runs (plain Python);
 - :mod:`.trial` — the Tune trainable: one attack through a Serve handle;
-- :mod:`.runner` — ``run_sweep``: deploy victims, run Tune, record in MLflow, resume.
+- :mod:`.service` — the victims as a Serve app: the sweep's own, or a long-lived service sweeps join;
+- :mod:`.runner` — ``run_sweep``: deploy (or join) victims, run Tune, record in MLflow, resume.
 """
 
 import os as _os

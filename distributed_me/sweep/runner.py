@@ -42,6 +42,7 @@ from ..report import publish_report
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import is_embedded, victim_bundle_path
 from ..victims.embedded import embedded_bundle_path
+from . import service
 from .plan import cost_key, plan_sweep, ray_resources, smaller_preset, trial_projections
 from .progress import TrialProgress
 from .spec import FACTORS, SweepSpec, parse_sweep
@@ -56,10 +57,6 @@ RESULT_KEYS = (*METRIC_NAMES, HARNESS_METRIC)
 
 def sweeps_dir() -> Path:
     return Path(os.environ.get("DME_SWEEP_DIR") or dme_home() / "sweeps").expanduser().resolve()
-
-
-def app_name(sweep: str) -> str:
-    return f"sweep-{sweep}"
 
 
 @dataclass
@@ -89,16 +86,6 @@ def load_saved(name: str) -> tuple[SweepSpec, str | None, Path]:
         raise DmeError(f"no sweep named {name!r} to resume in {sweeps_dir()}; known: {', '.join(known) or 'none'}")
     doc = json.loads(f.read_text())
     return parse_sweep(doc["spec"]), doc.get("preset"), folder
-
-
-def serve_args(spec: SweepSpec, query_log: Path) -> dict[str, Any]:
-    r = spec.resources
-    detectors = [{"detector": d, "action": "flag"} for d in spec.detectors]
-    sources = {v.name: v.source for v in spec.victims}
-    victims = [{"name": spec.deployment_name(v, p), "source": sources[v], "output_policy": p,
-                "num_replicas": r.victim_replicas, "num_cpus": r.victim_cpus, "max_batch_size": 256,
-                "max_ongoing_requests": 64, "detectors": detectors} for v, p in spec.pairs()]
-    return {"victims": victims, "clients": [], "query_log": str(query_log), "resources": r.serve_resources}
 
 
 def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: str,
@@ -302,7 +289,11 @@ def _legacy_layout(resume_path: Path) -> bool:
 
 def _settled(res: Any, early_stopping: bool) -> bool:
     """Whether a Tune result is a trial that ended for good: it failed, it reported its completed result, or, under
-    an early-stopping scheduler, the scheduler stopped it after a report. A trial Ctrl-C stopped is none of these."""
+    an early-stopping scheduler, the scheduler stopped it after a report. Without such a scheduler a trial Ctrl-C
+    stopped is none of these. Under one (ASHA), a trial Ctrl-C stopped after its first report cannot be told from one
+    the scheduler stopped: Tune records both TERMINATED without ``completed`` and keeps its interrupt flag inside
+    ``tune.run``. So an ASHA sweep interrupted when every unfinished trial had reported reads as finished; its
+    unfinished trials stay in the report as early-stopped."""
     if res.error is not None:
         return True
     metrics = res.metrics or {}
@@ -376,10 +367,9 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
     :class:`~distributed_me.cost.guard.CostLimitError` unless ``cost_limit`` is off. Each trial and preparation
     step then logs its projection beside its actual time, and the parent run the plan's totals."""
     import ray
-    from ray import serve
 
     from ..serving.app import cluster_has_gpus
-    from ..serving.runtime import BackgroundDeploy, flush_query_log, init_ray
+    from ..serving.runtime import init_ray
     from . import tracking
 
     storage = sweeps_dir()
@@ -423,7 +413,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                                            ray.cluster_resources(), preset)
         tracking.log_plan(parent, plan.metrics(), plan.calibration)
     status, error, summary = "FAILED", None, None
-    deployer = None
+    deployer, victims = None, None
     try:
         with clock.phase("deploy"):  # started here, finished in the background while Tune starts the trials
             if on_progress and any(is_embedded(v.source) for v in spec.victims) and \
@@ -435,10 +425,10 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             defense_costs = prepare_defenses(spec, bundles, parent, on_progress)
         with clock.phase("deploy"):
             # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
-            deployer = BackgroundDeploy(serve_args(spec, folder / "querylog"), app_name=app_name(spec.name),
-                                        route_prefix=f"/sweeps/{spec.name}",
-                                        http=bool(address or os.environ.get("RAY_ADDRESS")),
-                                        port=int(os.environ.get("DME_SERVE_PORT", "8000")))
+            victims = service.victim_app(spec, bundles, folder)
+            deployer = service.start(victims, http=bool(address or os.environ.get("RAY_ADDRESS")))
+            if deployer is None and on_progress:
+                on_progress(f"joining the running victim service {victims.name}")
         with clock.phase("prepare"):
             steps = [s for s in plan.serial if s.kind == "prepare"]
             if on_progress:
@@ -449,7 +439,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             prepared = prepare_strategies(spec, parent, progress=on_progress is not None and sys.stderr.isatty(),
                                           projected={(s.factors["strategy"], s.factors["pool"]): s for s in steps})
         deployments = {f"{v}|{p}": spec.deployment_name(v, p) for v, p in spec.pairs()}
-        ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": app_name(spec.name),
+        ctx = {"spec": spec.model_dump(mode="json"), "prepared": prepared, "app_name": victims.name,
                "tracking_uri": tracking_uri(), "experiment_id": exp_id, "parent_run_id": parent, "bundles": bundles,
                "deployments": deployments, "defense_costs": defense_costs,
                "cpus_per_trial": spec.resources.cpus_per_trial,
@@ -464,11 +454,12 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         # settled only by failing, completing, or (with ASHA) being stopped by the scheduler after a report
         total = len(spec.grid()) if spec.search.kind == "grid" else spec.search.num_samples
         interrupted = sum(_settled(res, spec.asha is not None) for res in grid) < total
-        deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
+        if deployer is not None:
+            deployer.result(timeout=spec.resources.deploy_timeout_s)  # a failed deployment is the sweep's error
         if not interrupted:
             with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used
-                benign_detection(spec, bundles, app_name(spec.name), parent)
-        clock.seconds["deploy_background"] = deployer.seconds
+                benign_detection(spec, bundles, victims.name, parent)
+        clock.seconds["deploy_background"] = deployer.seconds if deployer is not None else 0.0
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
@@ -511,9 +502,6 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         with clock.phase("teardown"):
             if deployer is not None:
                 deployer.wait(timeout=spec.resources.deploy_timeout_s)  # never delete an app mid-deployment
-            flush_query_log(app_name(spec.name))
-            try:  # not waited for: the replicas' shutdown is Serve's business, and no answer is pending
-                serve.delete(app_name(spec.name), _blocking=False)
-            except Exception as e:  # the cluster may be gone
-                log.warning("could not delete the sweep's Serve app: %s", e)
+            if victims is not None:
+                service.stop(victims)
             tracking.end_parent(parent, status, summary, error)

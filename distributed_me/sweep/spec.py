@@ -186,6 +186,11 @@ class Resources(BaseModel):
                                               "asks for (besides its CPUs/GPU): places trials on labeled nodes")
     deploy_timeout_s: float = Field(600.0, gt=0, description="how long trials wait for the sweep's Serve app "
                                                             "(it deploys while Tune starts them)")
+    keep_victims: bool = Field(False, description="serve the victims as a long-lived service: the app is named by "
+                               "what it serves (victims, their bundles, policies, detectors, resources), left running "
+                               "when the sweep ends, and joined by the next sweep that needs the same one on the same "
+                               "cluster, which then skips Serve's start (~10 s here). Its query log is under "
+                               "DME_HOME/serving/<app>; stop it with `serve shutdown` or `ray stop`")
 
 
 class SweepSpec(BaseModel):
