@@ -110,3 +110,30 @@ def test_sweep_survives_losing_a_worker_node(sweep_env, cluster, tmp_path, monke
     assert all(v <= budget for v in per_key.values()), per_key  # never charged past a budget
     assert sum(1 for v in per_key.values() if v == budget) >= 4  # each finished attempt charged exactly its budget
     assert removed["victims_available"] == pytest.approx(1 - 3 * 0.01)  # victim, accountant, ingress on that node
+
+
+def test_a_driver_that_ran_a_private_cluster_joins_one_with_token_auth_disabled(monkeypatch):
+    """A private cluster turns Ray's token auth on for the whole process; a cluster started with
+    ``RAY_AUTH_MODE=disabled`` joined later from the same process (a notebook running a sweep, then a multi-node
+    one) must still be able to call the driver back, or it takes the driver for dead and destroys its actors."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from distributed_me.serving.runtime import init_ray, shutdown
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def ping(self) -> str:
+            return "pong"
+
+    init_ray(num_cpus=1)
+    assert ray.get(Echo.remote().ping.remote(), timeout=60) == "pong"
+    shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        init_ray(address=cluster.address)
+        assert ray.get(Echo.remote().ping.remote(), timeout=60) == "pong"
+    finally:
+        shutdown()
+        cluster.shutdown()

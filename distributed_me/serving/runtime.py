@@ -51,12 +51,30 @@ def quiet_ray_loggers() -> None:
         logging.getLogger(name).setLevel(ray_log_level())
 
 
+def refresh_auth_mode() -> None:
+    """Make Ray's token-auth mode in this process what the environment says now (``RAY_AUTH_MODE``).
+
+    Ray reads the mode into a process-wide config once, and a private cluster's ``ray.init()`` turns token auth on
+    (in ``os.environ`` too) when the variable is unset. A later session in the same process kept it: a driver that
+    had run a private sweep and then joined a cluster started with ``RAY_AUTH_MODE=disabled`` demanded tokens the
+    cluster never sends, the cluster's GCS took the driver for dead ("Missing authorization header" in the driver's
+    log) and destroyed every actor it created — Tune's trials failed at once with ``SchedulingCancelled``. Called
+    before each session starts; a no-op on a Ray without token auth."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:
+        return
+    Config.initialize("")  # the config first: a still-draining gRPC thread may reload the token meanwhile
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Connect to ``address`` or start a private single-node cluster on loopback (no-op when already connected)."""
     import ray
 
     if ray.is_initialized():
         return
+    refresh_auth_mode()
     address = address or os.environ.get("RAY_ADDRESS")  # set by `ray job submit` for the job's driver
     if address:
         ray.init(address=address, logging_level=ray_log_level())
