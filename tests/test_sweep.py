@@ -48,6 +48,12 @@ def _runs(uri: str, sweep: str, kind: str = "trial") -> list:
                          max_results=1000)
 
 
+def _metric_values(uri: str, run, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    return [m.value for m in MlflowClient(uri).get_metric_history(run.info.run_id, key)]
+
+
 def _shutdown_ray():
     import ray
 
@@ -153,11 +159,19 @@ def test_a_sweep_joins_the_long_lived_victim_service_an_earlier_sweep_left_runni
         assert len(apps) == 1 and service.running(apps[0]), serve.status().applications  # left running
         assert first.seconds["deploy_background"] > 0 and first.errors == []
         second = run_sweep(parse_sweep(_doc("service-b", **over)), num_cpus=2, on_progress=lines.append)
-        assert f"joining the running victim service {apps[0]}" in lines
-        assert second.seconds["deploy_background"] == 0 and second.errors == [] and len(second.rows) == 1
+        assert any(ln.startswith(f"joining the running victim service {apps[0]} (") for ln in lines), lines
+        assert "deploy_background" not in second.seconds and second.errors == [] and len(second.rows) == 1
         assert service.running(apps[0])
     finally:
         _shutdown_ray()
+    # the joining sweep's plan drops the wait for Serve's start (what later plans learn from stays honest)
+    (plan_a,), (plan_b,) = _runs(sweep_env["uri"], "service-a", "sweep"), _runs(sweep_env["uri"], "service-b", "sweep")
+    key = "sweep_projected_raw_seconds_trials"
+    planned = _metric_values(sweep_env["uri"], plan_b, key)
+    assert len(planned) == 2 and max(planned) - min(planned) > 1, planned  # planned, then without Serve's start
+    assert plan_b.data.metrics[key] == min(planned) and len(_metric_values(sweep_env["uri"], plan_a, key)) == 1
+    assert "sweep_seconds_deploy_background" in plan_a.data.metrics
+    assert "sweep_seconds_deploy_background" not in plan_b.data.metrics
     log = read_query_log(sweep_env["home"] / "serving" / apps[0] / "querylog").to_pandas()
     mine = log[log["time"] >= started]
     assert mine["count"].sum() == 2 * 60 and mine["key"].nunique() == 2  # one fresh key per trial, one ledger

@@ -7,7 +7,8 @@ The driver
    commit, package versions, cluster resources);
 3. starts deploying one Serve application for the sweep — one victim deployment per victim × output policy, shared by
    every trial, plus the accounting replica — in the background: Tune starts the trials meanwhile, and each trial
-   waits for the app only before its first query;
+   waits for the app only before its first query; or, with ``resources.keep_victims``, joins the running victim
+   service that serves exactly these victims (:mod:`.service`), and drops Serve's start from its plan;
 4. runs every grid strategy's once-per-sweep ``prepare`` step (:func:`prepare_strategies`), whose products the trials
    receive as options;
 5. runs a Tune grid, longest trials first (or an Optuna search, optionally with ASHA) with per-trial resources — GPUs
@@ -427,8 +428,12 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             # trials reach victims by handle; HTTP only when joining a cluster that may serve other apps too
             victims = service.victim_app(spec, bundles, folder)
             deployer = service.start(victims, http=bool(address or os.environ.get("RAY_ADDRESS")))
-            if deployer is None and on_progress:
-                on_progress(f"joining the running victim service {victims.name}")
+            if deployer is None:  # joined: the plan's wait for Serve's start does not happen (nor may it be learned)
+                saved_s, plan.fixed["deploy_background"] = plan.fixed["deploy_background"], 0.0
+                tracking.log_plan(parent, plan.metrics(), plan.calibration)
+                if on_progress:
+                    on_progress(f"joining the running victim service {victims.name} ({human(saved_s)} of Serve start "
+                                "in the plan not spent)")
         with clock.phase("prepare"):
             steps = [s for s in plan.serial if s.kind == "prepare"]
             if on_progress:
@@ -459,7 +464,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         if not interrupted:
             with clock.phase("benign"):  # the detectors' false positives, on the deployments the trials used
                 benign_detection(spec, bundles, victims.name, parent)
-        clock.seconds["deploy_background"] = deployer.seconds if deployer is not None else 0.0
+        if deployer is not None:  # a joined service has none: a 0 would teach later plans that Serve starts at once
+            clock.seconds["deploy_background"] = deployer.seconds
         # attempts whose worker died (a lost node, an OOM kill) never closed their runs; Tune retried them
         tracking.end_stale_children(parent, "the trial's worker died (node lost or process killed) before the "
                                             "attempt ended; Tune retried the trial as a new attempt")
