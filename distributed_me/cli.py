@@ -432,6 +432,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if out.errors else 0
 
 
+def cmd_services(args: argparse.Namespace) -> int:
+    from .serving.runtime import init_ray
+    from .sweep import service
+
+    try:
+        init_ray(args.address)
+    except ConnectionError as e:
+        raise DmeError(f"no Ray cluster to read victim services from at {args.address!r} ({e}): services outlive "
+                       "sweeps only on a cluster that outlives them (`ray start --head`, then `dme sweep ... "
+                       "--address auto --set resources.keep_victims=true`)") from None
+    for name in ([s["name"] for s in service.services()] if args.stop_all else args.stop or []):
+        service.stop_service(name)
+        print(f"stopped victim service {name}")
+    rows = service.services()
+    if not rows:
+        print("no victim services running on this cluster")
+        return 0
+    print(trial_table([{**r, "victims": ", ".join(r["victims"])} for r in rows],
+                      ["name", "status", "victims", "query_log"]))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -737,6 +759,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--fresh", action="store_true", help="start again a sweep that ran before under this name")
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(func=cmd_sweep)
+
+    se = command("services", help="list (or stop) the long-lived victim services sweeps join "
+                                  "(resources.keep_victims) on a Ray cluster")
+    se.add_argument("--address", default="auto", help="the Ray cluster ('auto' = the local `ray start` one)")
+    se.add_argument("--stop", action="append", metavar="NAME", help="delete this service (repeatable)")
+    se.add_argument("--stop-all", action="store_true", help="delete every victim service on the cluster")
+    se.set_defaults(func=cmd_services)
 
     po = command("pool", help="pools at scale: Parquet shards, Ray Data feature passes")
     pos = po.add_subparsers(dest="pool_command", required=True)

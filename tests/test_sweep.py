@@ -136,7 +136,7 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
     assert "sgd" in report.table and "label" in report.table
 
 
-def test_a_sweep_joins_the_long_lived_victim_service_an_earlier_sweep_left_running(sweep_env):
+def test_a_sweep_joins_the_long_lived_victim_service_an_earlier_sweep_left_running(sweep_env, capsys):
     """``keep_victims``: the first sweep deploys the service and leaves it running; the next sweep needing the same
     victims joins it (no deployment of its own), its trials' keys are new clients of the same ledger, and the
     service's query log (under DME_HOME, absolute) holds both sweeps' queries."""
@@ -162,6 +162,16 @@ def test_a_sweep_joins_the_long_lived_victim_service_an_earlier_sweep_left_runni
         assert any(ln.startswith(f"joining the running victim service {apps[0]} (") for ln in lines), lines
         assert "deploy_background" not in second.seconds and second.errors == [] and len(second.rows) == 1
         assert service.running(apps[0])
+        # `dme services` lists the service and stops it (in this process: the cluster is the one above)
+        from distributed_me.cli import main
+
+        capsys.readouterr()
+        assert main(["services"]) == 0
+        listed = capsys.readouterr().out
+        assert apps[0] in listed and "RUNNING" in listed and "digits" in listed, listed
+        assert main(["services", "--stop", "victims-nope"]) == 2 and apps[0] in capsys.readouterr().err
+        assert main(["services", "--stop", apps[0]]) == 0 and not service.running(apps[0])
+        assert "no victim services running" in capsys.readouterr().out
     finally:
         _shutdown_ray()
     # the joining sweep's plan drops the wait for Serve's start (what later plans learn from stays honest)

@@ -9,6 +9,7 @@ place changes its bundle's size or modification time, hence the hash: a stale se
 
 Trials register fresh keys with the service's accounting replica, so budgets never mix between sweeps; the query
 log of a service lives under ``DME_HOME/serving/<app>``, absolute, whatever the working directory.
+``dme services --address auto`` lists the services of a cluster, ``--stop NAME`` (or ``--stop-all``) deletes them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DmeError
 from ..tracking import dme_home
 from .spec import SweepSpec
 
@@ -80,6 +82,34 @@ def running(app: str) -> bool:
     except RayServeException:
         return False
     return status is not None and str(status.status).endswith("RUNNING")
+
+
+def services() -> list[dict[str, Any]]:
+    """The victim services on the connected cluster: name, status, deployments (victim × policy) and query log."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        apps = serve.status().applications
+    except RayServeException:  # Serve is not running on this cluster: no service either
+        return []
+    return [{"name": name, "status": str(app.status).rsplit(".", 1)[-1],
+             "victims": sorted(d.removeprefix("victim-") for d in app.deployments if d.startswith("victim-")),
+             "query_log": str(dme_home() / "serving" / name / "querylog")}
+            for name, app in sorted(apps.items()) if name.startswith("victims-")]
+
+
+def stop_service(name: str) -> None:
+    """Compact a service's query log and delete its app (waits until it is gone)."""
+    from ray import serve
+
+    from ..serving.runtime import flush_query_log
+
+    known = [s["name"] for s in services()]
+    if name not in known:
+        raise DmeError(f"no victim service named {name!r} on this cluster; running: {', '.join(known) or 'none'}")
+    flush_query_log(name)
+    serve.delete(name)
 
 
 def start(app: VictimApp, http: bool):

@@ -190,7 +190,7 @@ class Resources(BaseModel):
                                "what it serves (victims, their bundles, policies, detectors, resources), left running "
                                "when the sweep ends, and joined by the next sweep that needs the same one on the same "
                                "cluster, which then skips Serve's start (~10 s here). Its query log is under "
-                               "DME_HOME/serving/<app>; stop it with `serve shutdown` or `ray stop`")
+                               "DME_HOME/serving/<app>; list or stop services with `dme services`")
 
 
 class SweepSpec(BaseModel):
