@@ -311,8 +311,10 @@ def test_ctrl_c_ends_the_sweep_killed_with_the_resume_command_and_no_finished_pa
     the resume command printed), never FINISHED, whose partial trials phase would teach the cost model that the
     sweep is short (seen: a 4.8 h sweep resumed with "29 min projected")."""
     spec = sweep_env["dir"] / "interrupt.yaml"
-    doc = _doc("interrupt", attack={"optimizer": ["adam", "sgd", "adamw"], "epochs": 3}, policies=["probabilities"],
-               resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
+    # 12 trials of about a second each, one at a time: the signal (sent once the first has finished, seen through
+    # MLflow) must land with trials left. With 3, a fast machine finished them all first (exit 0, seen once)
+    doc = _doc("interrupt", attack={"optimizer": ["adam", "sgd", "adamw"], "epochs": 3, "seed": [0, 1, 2, 3]},
+               policies=["probabilities"], resources={"cpus_per_trial": 1, "max_concurrent_trials": 1})
     spec.write_text(yaml.safe_dump(doc))
     first = _dme(["sweep", str(spec), "--num-cpus", "2", "-q"], {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
