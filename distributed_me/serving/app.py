@@ -124,10 +124,7 @@ class VictimReplica:
         self._forward.set_batch_wait_timeout_s(self.svc.batch_wait_timeout_s)
         log.info("victim %s ready (%s, %d torch threads)", self.svc.name, source, threads)
 
-    def info(self) -> dict:
-        return self.meta.to_dict()
-
-    async def _public_meta(self) -> dict:
+    async def info(self) -> dict:
         return self.meta.to_dict()
 
     async def answer(self, key: str | None, images: np.ndarray, request_id: str | None = None) -> tuple[int, dict]:
@@ -142,7 +139,7 @@ class VictimReplica:
         def forward(x: np.ndarray, stream: str, degraded: bool, with_probs: bool) -> asyncio.Task:
             return asyncio.ensure_future(self.predict(x, stream, degraded, with_probs))
 
-        return await self.gate.answer(key, self.svc.name, images, self._public_meta, forward, request_id)
+        return await self.gate.answer(key, self.svc.name, images, self.info, forward, request_id)
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _forward(self, batches: list[np.ndarray]) -> list[np.ndarray]:

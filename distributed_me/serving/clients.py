@@ -46,12 +46,13 @@ class HandleOracle(MeteredClient):
             return self._victim.answer.remote(self._key, images, request_id).result()
         except Exception as e:  # ActorDiedError, a replica unavailable: Serve's, not the API's, failure
             log.warning("victim %s: the replica failed the request (%s); refunding it", self.name, e)
+            charged = "nothing was charged"
             try:
                 self._accountant.refund.remote(request_id).result(timeout_s=60)
             except Exception as refund_error:  # the accounting replica is down too: its charge, if any, stays
                 log.error("victim %s: refund of request %s failed (%s)", self.name, request_id, refund_error)
-            return 503, {"detail": f"victim {self.name!r} could not answer ({type(e).__name__}); nothing was "
-                                   "charged: retry"}
+                charged = f"its charge, if it landed, could not be refunded ({type(refund_error).__name__})"
+            return 503, {"detail": f"victim {self.name!r} could not answer ({type(e).__name__}); {charged}: retry"}
 
     def query(self, images: np.ndarray | torch.Tensor) -> Answer:
         if isinstance(images, torch.Tensor):

@@ -153,20 +153,27 @@ class BackgroundDeploy:
             raise self.error
 
 
+def app_status(app_name: str):
+    """Serve's status of the app ``app_name`` on the connected cluster, or ``None`` (not deployed, or Serve not
+    running or still starting)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.status().applications.get(app_name)
+    except RayServeException:
+        return None
+
+
 def wait_until_ready(app_name: str, timeout: float = 600.0, every: float = 0.2) -> float:
     """Block until the app is RUNNING (returns the seconds waited); raise a clear error when its deployment failed,
     or after ``timeout`` seconds."""
     import ray.experimental.internal_kv as kv
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
 
     quiet_ray_loggers()  # a trial worker calls this before its first Serve handle
     t0 = time.monotonic()
     while True:
-        try:
-            app = serve.status().applications.get(app_name)
-        except RayServeException:  # Serve itself is still starting
-            app = None
+        app = app_status(app_name)
         status = str(getattr(app, "status", "")) if app is not None else ""
         if status.endswith("RUNNING"):
             return time.monotonic() - t0

@@ -74,13 +74,9 @@ def victim_app(spec: SweepSpec, bundles: dict[str, str], folder: Path) -> Victim
 
 def running(app: str) -> bool:
     """Whether the Serve app ``app`` is up and healthy on the connected cluster (Serve may not be running at all)."""
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
+    from ..serving.runtime import app_status
 
-    try:
-        status = serve.status().applications.get(app)
-    except RayServeException:
-        return False
+    status = app_status(app)
     return status is not None and str(status.status).endswith("RUNNING")
 
 
