@@ -46,6 +46,7 @@ from ..victims.embedded import embedded_bundle_path
 from . import service
 from .plan import cost_key, plan_sweep, ray_resources, smaller_preset, trial_projections
 from .progress import TrialProgress
+from .recorder import start_recorder, stop_recorder
 from .spec import FACTORS, SweepSpec, parse_sweep
 from .trial import HARNESS_METRIC, TrialContext
 
@@ -98,7 +99,8 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
        built and logged by the code of ``dme defense train``; the parent run gets ``dme.kit.VICTIM.KIT`` tags;
     2. what each victim × policy costs the defender (:class:`~distributed_me.extraction.DefenseCost`: utility,
        agreement, KL_test, KL_train). It does not depend on the attack, so trials read it instead of recomputing it
-       (for MAD a Jacobian per test image); the parent run gets it as ``defense.VICTIM.POLICY_INDEX.NAME``.
+       (for MAD a Jacobian per test image), and a later sweep on the same bundle, kits and code reads it from disk
+       (:mod:`distributed_me.defenses.costs`); the parent run gets it as ``defense.VICTIM.POLICY_INDEX.NAME``.
 
     Returns ``{"VICTIM|POLICY": cost as a dict}`` for the trials."""
     from dataclasses import asdict
@@ -107,6 +109,7 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
     from mlflow.entities import Metric, RunTag
 
     from ..defenses import find_kit, parse_policy, train_kit
+    from ..defenses.costs import cost_key, load_cost, save_cost
     from ..runner import evaluator_for
     from ..victims import load_victim
 
@@ -118,24 +121,39 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
         policies = spec.policies_for(v.name)
         if not policies:
             continue
-        victim = load_victim(bundles[v.name])
-        for name in sorted({k for p in policies for k in parse_policy(p).kits_needed()}):
-            kit = find_kit(victim, name)
-            if kit is None:
-                if on_progress:
-                    on_progress(f"defense kit {name!r} for victim {v.name}: building it once "
-                                f"(`dme defense train --defense {name}`)")
-                kit = train_kit(victim, name, source=v.source)
-            tags[f"dme.kit.{v.name}.{name}"] = str(kit.path)
-        evaluator = evaluator_for(victim)
+        kits_of = {p: sorted(parse_policy(p).kits_needed()) for p in policies}
+        kit_paths: dict[str, str] = {}
+        victim = None
+        if any(kits_of.values()):  # kits are found (or built) per victim: the victim is needed to name them
+            victim = load_victim(bundles[v.name])
+            for name in sorted({k for ks in kits_of.values() for k in ks}):
+                kit = find_kit(victim, name)
+                if kit is None:
+                    if on_progress:
+                        on_progress(f"defense kit {name!r} for victim {v.name}: building it once "
+                                    f"(`dme defense train --defense {name}`)")
+                    kit = train_kit(victim, name, source=v.source)
+                kit_paths[name] = str(kit.path)
+                tags[f"dme.kit.{v.name}.{name}"] = str(kit.path)
+        # measured by an earlier sweep on the same bundle, kits, data and code: read, not measured again
+        keys = {p: cost_key(bundles[v.name], p, [kit_paths[k] for k in kits_of[p]]) for p in policies}
+        known = {p: load_cost(keys[p]) for p in policies}
+        evaluator = None
         for p in policies:
             i = spec.policies.index(p)
-            cost = evaluator.defense_cost(p)
-            assert cost is not None
-            costs[f"{v.name}|{p}"] = asdict(cost)
+            cost = known[p]
+            if cost is None:
+                if evaluator is None:
+                    victim = victim or load_victim(bundles[v.name])
+                    evaluator = evaluator_for(victim)
+                measured = evaluator.defense_cost(p)
+                assert measured is not None
+                cost = asdict(measured)
+                save_cost(keys[p], cost, p)
+            costs[f"{v.name}|{p}"] = cost
             tags[f"dme.defense.{v.name}.{i}"] = p
             metrics += [Metric(f"defense.{v.name}.{i}.{k}", float(val), now, 0)
-                        for k, val in asdict(cost).items() if val is not None]
+                        for k, val in cost.items() if val is not None]
     MlflowClient(tracking_uri()).log_batch(parent_run_id, metrics=metrics,
                                            tags=[RunTag(k, val) for k, val in tags.items()])
     return costs
@@ -413,6 +431,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             parent = tracking.start_parent(spec.experiment, spec.name, spec.model_dump(mode="json"),
                                            ray.cluster_resources(), preset)
         tracking.log_plan(parent, plan.metrics(), plan.calibration)
+        # the trials' MLflow calls go through one actor, which opens the store now, while the driver works on
+        recorder = start_recorder(parent, tracking_uri())
     status, error, summary = "FAILED", None, None
     deployer, victims = None, None
     try:
@@ -449,7 +469,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "deployments": deployments, "defense_costs": defense_costs,
                "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
-               "cost_device": plan.calibration}
+               "cost_device": plan.calibration, "recorder": True}
         with clock.phase("trials"):
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
@@ -510,4 +530,5 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                 deployer.wait(timeout=spec.resources.deploy_timeout_s)  # never delete an app mid-deployment
             if victims is not None:
                 service.stop(victims)
+            stop_recorder(recorder)  # Tune has returned: every trial that ended awaited its metrics
             tracking.end_parent(parent, status, summary, error)

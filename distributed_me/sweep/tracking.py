@@ -205,32 +205,74 @@ def finished_trial(experiment_id: str, parent_run_id: str, key: str):
     return runs[0] if runs else None
 
 
+#: how a trial attempt's run ended -> the MLflow status it gets
+OUTCOMES = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+
+
+def open_trial_run(experiment_id: str, parent_run_id: str, sweep: str, name: str | None, factors: dict[str, Any],
+                   extra_tags: dict[str, str] | None = None, extra_params: dict[str, Any] | None = None) -> str:
+    """Create a trial attempt's child run (tags, every factor as a param) and return its id. Stateless, like
+    :func:`log_trial_metrics` and :func:`end_trial_run`: a recorder that restarts loses nothing it needs."""
+    c = client()
+    tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
+            "dme.attack": str(factors["strategy"]), "dme.victim": str(factors["victim"]),
+            "dme.defense": str(factors["policy"]), "dme.budget": str(factors["budget"]),
+            "dme.trial_key": trial_key(factors), "dme.git_commit": _commit(), **(extra_tags or {})}
+    run_id = c.create_run(experiment_id, run_name=name or trial_run_name(factors), tags=tags).info.run_id
+    from mlflow.entities import Param
+
+    params = {**factors, **{k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v
+                            for k, v in (extra_params or {}).items()}}
+    c.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run_id
+
+
+@lru_cache(maxsize=1)
+def _commit() -> str:
+    """The code's commit, once per process (a ``git`` subprocess per trial otherwise)."""
+    return git_commit()
+
+
+def log_trial_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def end_trial_run(run_id: str, outcome: str, message: str | None = None) -> None:
+    """End an attempt's run: ``finished``, ``stopped`` (by the scheduler: KILLED with ``dme.stopped``) or ``failed``
+    (FAILED with the error as ``dme.error``)."""
+    c = client()
+    if outcome == "stopped":
+        c.set_tag(run_id, "dme.stopped", message or "stopped early by the scheduler")
+    elif outcome == "failed":
+        c.set_tag(run_id, "dme.error", (message or "failed")[:5000])
+    c.set_terminated(run_id, status=OUTCOMES[outcome])
+
+
+def outcome_of(exc: BaseException | None) -> tuple[str, str | None]:
+    """How an attempt ended, from the exception that left its run (None: it finished)."""
+    if exc is None:
+        return "finished", None
+    if isinstance(exc, SystemExit):  # Tune ends a trial it stops (ASHA) by sys.exit in its report call
+        return "stopped", "stopped early by the scheduler"
+    return "failed", f"{type(exc).__name__}: {exc}"
+
+
 class TrialRun:
     """A child run for one trial attempt; use as a context manager so it always ends with a status. Every factor is
     a param (what the UI filters on: ``params.NAME = 'VALUE'``); ``name=None`` names the run by
-    :func:`trial_run_name`."""
+    :func:`trial_run_name`. In a sweep's trials the same calls go through the sweep's recorder actor instead
+    (:mod:`distributed_me.sweep.recorder`)."""
 
     def __init__(self, experiment_id: str, parent_run_id: str, sweep: str, name: str | None, factors: dict[str, Any],
                  extra_tags: dict[str, str] | None = None, extra_params: dict[str, Any] | None = None):
         self.client = client()
-        tags = {"mlflow.parentRunId": parent_run_id, "dme.kind": "trial", "dme.sweep": sweep,
-                "dme.attack": str(factors["strategy"]), "dme.victim": str(factors["victim"]),
-                "dme.defense": str(factors["policy"]), "dme.budget": str(factors["budget"]),
-                "dme.trial_key": trial_key(factors),
-                "dme.git_commit": git_commit(), **(extra_tags or {})}
-        self.run_id = self.client.create_run(experiment_id, run_name=name or trial_run_name(factors),
-                                             tags=tags).info.run_id
-        from mlflow.entities import Param
-
-        params = {**factors, **{k: json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list)) else v
-                                for k, v in (extra_params or {}).items()}}
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self.run_id = open_trial_run(experiment_id, parent_run_id, sweep, name, factors, extra_tags, extra_params)
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        log_trial_metrics(self.run_id, values, step)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -239,12 +281,5 @@ class TrialRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            self.client.set_terminated(self.run_id, status="FINISHED")
-        elif isinstance(exc, SystemExit):  # Tune ends a trial it stops (ASHA) by sys.exit in its report call
-            self.client.set_tag(self.run_id, "dme.stopped", "stopped early by the scheduler")
-            self.client.set_terminated(self.run_id, status="KILLED")
-        else:
-            self.client.set_tag(self.run_id, "dme.error", f"{type(exc).__name__}: {exc}"[:5000])
-            self.client.set_terminated(self.run_id, status="FAILED")
+        end_trial_run(self.run_id, *outcome_of(exc))
         return False

@@ -15,8 +15,9 @@ result schema (:data:`~distributed_me.extraction.METRIC_NAMES`) plus the harness
 and a new child run; the failed attempt's run stays FAILED (or KILLED, when its worker died).
 
 Harness cost per trial is kept small: the driver validated the spec once, so a trial reads the validated dump as it
-is; judge, pool, the MLflow client and the app's readiness are cached per worker process, and Tune reuses workers
-between trials; MLflow gets one batched call per epoch and one at the end.
+is; judge, pool and the app's readiness are cached per worker process, and Tune reuses workers between trials.
+MLflow is the sweep's recorder's job (:mod:`.recorder`): the worker never imports it, an epoch's metrics are a call
+the trial does not wait for, and the run ends only once they are recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..plugins import load_plugins
 from ..runner import evaluator_for
 from ..victims import Victim, load_victim
 from .plan import cost_key
+from .recorder import RecordedRun, find_recorder
 from .spec import options_for_pool
 from .tracking import TrialRun, finished_trial, trial_key, trial_run_name
 
@@ -138,23 +140,30 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(round(ctx["cpus_per_trial"]))))
     os.environ["MLFLOW_TRACKING_URI"] = ctx["tracking_uri"]
     trial_id = tune.get_context().get_trial_id() or uuid.uuid4().hex[:8]
+    # the sweep's recorder makes the MLflow calls (sweeps started before it existed: this process does)
+    recorder = find_recorder(ctx["parent_run_id"]) if ctx.get("recorder") else None
     with h.phase("lookup"):
-        done = finished_trial(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f))
+        if recorder is not None:
+            done = ray.get(recorder.finished.remote(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f)))
+        else:
+            run_ = finished_trial(ctx["experiment_id"], ctx["parent_run_id"], trial_key(f))
+            done = None if run_ is None else (run_.info.run_id, dict(run_.data.metrics))
     if done is not None:
-        log.info("trial %s already finished as MLflow run %s: not run again", trial_id, done.info.run_id)
-        tune.report({**done.data.metrics, "epoch": int(f["epochs"]), "completed": True,
-                     "mlflow_run_id": done.info.run_id, "reused": True})
+        log.info("trial %s already finished as MLflow run %s: not run again", trial_id, done[0])
+        tune.report({**done[1], "epoch": int(f["epochs"]), "completed": True, "mlflow_run_id": done[0],
+                     "reused": True})
         return
     deployment = ctx["deployments"][f"{f['victim']}|{f['policy']}"]
     key = f"trial-{trial_id}-{uuid.uuid4().hex}"
     name = trial_run_name(f)
     with h.phase("mlflow_start"):
         attack = attack_spec(ctx, f)
-        run = TrialRun(ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
-                       {"dme.trial_id": trial_id, "dme.deployment": deployment,
-                        "dme.node": ray.get_runtime_context().get_node_id(), DEVICE_TAG: ctx["cost_device"]},
-                       # what the strategy was given, prepared products included (e.g. a features file)
-                       {"strategy_options": attack.strategy_options, **{k: getattr(attack, k) for k in CHOICES}})
+        args = (ctx["experiment_id"], ctx["parent_run_id"], spec["name"], name, f,
+                {"dme.trial_id": trial_id, "dme.deployment": deployment,
+                 "dme.node": ray.get_runtime_context().get_node_id(), DEVICE_TAG: ctx["cost_device"]},
+                # what the strategy was given, prepared products included (e.g. a features file)
+                {"strategy_options": attack.strategy_options, **{k: getattr(attack, k) for k in CHOICES}})
+        run = RecordedRun(recorder, *args) if recorder is not None else TrialRun(*args)
     with run:
         with h.phase("judge_pool"):
             victim, evaluator = _judge(ctx["bundles"][f["victim"]])
