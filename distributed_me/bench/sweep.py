@@ -28,11 +28,12 @@ scheduling, result processing); plus the sweep's fixed cost (Serve deployment, p
 
 What was found (2 cores, issue 11): after the first trial, a trial costs the harness about 0.2 s (2 % of a 10 s
 trial; Tune's gap between trials on a reused worker is ~0.01 s). What remains of (c) - (a) is start-up, once per
-sweep: Tune's start and the trial worker's imports (~6 s before the first trial runs), the first trial's MLflow
-store connection, and the Serve app's replicas (four processes importing torch, ~10 CPU-seconds, deployed in the
-background meanwhile) competing for the same two cores. On 8 trials of ~8 s that start-up is the 15-20 % above the
-10 % goal; it does not grow with the trials (``dme bench sweep-scale``: 1,000 trials at 0.13 s of harness each). The
-Serve part of it is paid once per victim service, not once per sweep, when sweeps join a service (``keep_victims``).
+sweep: Tune's start and the trial worker's imports (~3.5 s before the first trial runs: a fresh process importing
+torch and the trial code; Ray gives an actor a new process, so no task can warm it first) and the first trial's judge
+and pool (~1 s more than the loop pays in its own, already warm, process). Two costs that used to be here are gone:
+the first trial's MLflow import and store opening (1.2 s; trials record through the sweep's recorder actor, warmed
+while the driver deploys) and the defender's-side pass (1 s; cached on disk per bundle, policy, kits and code). The
+Serve part is paid once per victim service, not once per sweep, when sweeps join a service (``keep_victims``).
 """
 
 from __future__ import annotations
