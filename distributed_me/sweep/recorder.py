@@ -12,7 +12,10 @@ What is unchanged: each attempt still gets its own child run with the same tags 
 scheduler) or FAILED. A trial waits for its pending metric calls before it ends its run, so a run never ends with its
 curves still in flight; an attempt whose worker dies leaves its run RUNNING, and the driver marks it KILLED, as
 before. The recorder is pinned to the driver's node (a worker node may be removed mid-sweep), restarts if its process
-dies, and keeps no state of its own: every call names its run. Its name is derived from the parent run, so a resumed
+dies, and keeps no state of its own: every call names its run. Calls are retried on the restarted process, so each
+must be safe to repeat: metrics carry the trial's timestamp (MLflow skips an identical point: a retried call that had
+landed adds nothing), ends and artifacts overwrite, and opening a run is not retried (the trial fails instead, and
+Tune retries it as a new attempt). Its name is derived from the parent run, so a resumed
 sweep's recorder has the name its restored trials know. A trial that cannot find it logs to MLflow itself.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,8 @@ class Recorder:
     def open(self, *args: Any) -> str:
         return tracking.open_trial_run(*args)
 
-    def metrics(self, run_id: str, values: dict[str, float], step: int) -> None:
-        tracking.log_trial_metrics(run_id, values, step)
+    def metrics(self, run_id: str, values: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        tracking.log_trial_metrics(run_id, values, step, timestamp_ms)
 
     def artifact(self, run_id: str, filename: str, data: bytes) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -107,11 +111,13 @@ class RecordedRun:
 
         self.recorder = recorder
         self.pending: list = []
-        self.run_id: str = ray.get(recorder.open.remote(experiment_id, parent_run_id, sweep, name, factors,
-                                                        extra_tags, extra_params))
+        # not retried: a retry after the recorder died could open a second run (the trial fails; Tune retries it)
+        self.run_id: str = ray.get(recorder.open.options(max_task_retries=0).remote(
+            experiment_id, parent_run_id, sweep, name, factors, extra_tags, extra_params))
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
-        self.pending.append(self.recorder.metrics.remote(self.run_id, values, step))
+        # the trial's timestamp: a call retried on a restarted recorder after it had landed adds no second point
+        self.pending.append(self.recorder.metrics.remote(self.run_id, values, step, int(time.time() * 1000)))
 
     def artifact(self, path: str | Path) -> None:
         import ray

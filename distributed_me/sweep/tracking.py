@@ -233,10 +233,12 @@ def _commit() -> str:
     return git_commit()
 
 
-def log_trial_metrics(run_id: str, values: dict[str, float], step: int = 0) -> None:
+def log_trial_metrics(run_id: str, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+    """``timestamp_ms`` from the caller makes a repeated call add nothing: MLflow skips a point identical in key,
+    value, step and timestamp (a recorder call retried after its process died may have landed already)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
 
 
