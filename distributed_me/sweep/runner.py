@@ -144,7 +144,8 @@ def prepare_defenses(spec: SweepSpec, bundles: dict[str, str], parent_run_id: st
             cost = known[p]
             if cost is None:
                 if evaluator is None:
-                    victim = victim or load_victim(bundles[v.name])
+                    if victim is None:
+                        victim = load_victim(bundles[v.name])
                     evaluator = evaluator_for(victim)
                 measured = evaluator.defense_cost(p)
                 assert measured is not None
