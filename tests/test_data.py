@@ -429,6 +429,62 @@ def test_photos_pool_deterministic_and_adaptable() -> None:
     assert pool.get([0, 1, 2], size=16, channels=1).shape == (3, 16, 16, 1)
 
 
+def test_digits_are_sklearns_digits_read_without_importing_sklearn() -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = embedded._digits_raw()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+    # a fresh process scoring against the embedded victim must not pay sklearn's import (1 s on 2 cores)
+    code = ("import sys; from distributed_me.data import load_dataset; load_dataset('digits'); "
+            "assert 'sklearn' not in sys.modules, sorted(m for m in sys.modules if m.startswith('sklearn'))[:5]")
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_photo_crops_are_cached_on_disk_by_what_makes_them(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("DME_HOME", str(tmp_path))
+    embedded._cached_crops.cache_clear()
+    path = embedded.crops_cache_path(200, 16, 3)
+    assert path is not None and not path.exists()
+    built = embedded._cached_crops(200, 16, 3)
+    assert path.is_file()
+    np.testing.assert_array_equal(np.load(path), embedded.make_photo_crops(200, 16, 3))
+    # a second process reads it: nothing is built again
+    embedded._cached_crops.cache_clear()
+    real = embedded.make_photo_crops
+    monkeypatch.setattr(embedded, "make_photo_crops", lambda *a, **k: pytest.fail("built again despite the cache"))
+    np.testing.assert_array_equal(embedded._cached_crops(200, 16, 3), built)
+    assert not embedded._cached_crops(200, 16, 3).flags.writeable
+    # another argument, crop version or source photo is another file
+    assert embedded.crops_cache_path(200, 16, 4) != path
+    monkeypatch.setattr(embedded, "PHOTO_CROPS_VERSION", embedded.PHOTO_CROPS_VERSION + 1)
+    assert embedded.crops_cache_path(200, 16, 3) != path
+    monkeypatch.undo()
+    monkeypatch.setenv("DME_HOME", str(tmp_path))
+    source = embedded._source_path(*embedded.PHOTO_SOURCES[0])
+    assert source is not None
+    st = source.stat()
+    try:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        assert embedded.crops_cache_path(200, 16, 3) != path
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert embedded.crops_cache_path(200, 16, 3) == path
+    # a damaged file is built again, with a warning, and replaced
+    path.write_bytes(b"not an array")
+    embedded._cached_crops.cache_clear()
+    monkeypatch.setattr(embedded, "make_photo_crops", real)
+    np.testing.assert_array_equal(embedded._cached_crops(200, 16, 3), built)
+    assert "unreadable" in caplog.text
+    np.testing.assert_array_equal(np.load(path), built)
+    embedded._cached_crops.cache_clear()
+
+
 def test_photos_default_pool_size_and_shape() -> None:
     embedded._cached_crops.cache_clear()
     pool = load_pool("photos")  # its speed is measured by `dme bench`, not asserted here

@@ -14,9 +14,12 @@ attack run against it behaves like one against a small real pool. Everything is 
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import importlib.util
 import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -65,16 +68,33 @@ PHOTO_SOURCES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: bump when :func:`make_photo_crops` changes what it draws: crops cached on disk by an older version are not read
+PHOTO_CROPS_VERSION = 1
+
+
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as (images (1797, 8, 8) float64 in 0..16, labels): read from the CSV inside the sklearn wheel,
+    as ``sklearn.datasets.load_digits`` reads it, but without importing sklearn (1 s in a fresh process, paid by
+    every trial worker and test process that scores against the embedded victim). Falls back to ``load_digits`` where
+    the file is not where this sklearn keeps it."""
+    path = _source_path("sklearn/datasets/data", "digits.csv.gz")
+    if path is None:
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return np.asarray(bunch.images, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
 @lru_cache(maxsize=2)
 def _digit_splits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images, labels, victim's train indices, attacker's held-out indices, test indices), stratified per class:
     the test quarter first (as it always was), then a third of the rest held out from the victim."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    scaled = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0))
+    raw, labels = _digits_raw()
+    scaled = np.rint(raw * (255.0 / 16.0))
     images = scaled.clip(0, 255).astype(np.uint8)[..., None]
-    labels = np.asarray(bunch.target, dtype=np.int64)
     rest, te = stratified_split(labels, DIGITS_TEST_FRACTION, seed)
     tr, held = stratified_split(labels[rest], DIGITS_ATTACKER_FRACTION, seed + 1)
     for a in (images, labels):
@@ -166,9 +186,55 @@ def make_photo_crops(
     return out
 
 
+def crops_cache_path(n: int, size: int, seed: int) -> Path | None:
+    """Where :func:`make_photo_crops`'s output for these arguments is kept on disk (``$DME_HOME/cache/photos``): the
+    name hashes the arguments, the crop code's version and every source photo's path, size and mtime, so an upgraded
+    scikit-image or a changed crop rule is a new file, never a stale read. ``None`` when a source is missing (the
+    pool then differs from full installs: it is built, not cached)."""
+    from ..tracking import dme_home
+
+    parts = [f"v{PHOTO_CROPS_VERSION}", str(n), str(size), str(seed), str(PHOTOS_MIN_CROP)]
+    for package, filename in PHOTO_SOURCES:
+        path = _source_path(package, filename)
+        if path is None:
+            return None
+        st = path.stat()
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return dme_home() / "cache" / "photos" / f"{n}x{size}-seed{seed}-{digest}.npy"
+
+
 @lru_cache(maxsize=2)
 def _cached_crops(n: int, size: int, seed: int) -> np.ndarray:
-    crops = make_photo_crops(n, size, seed)
+    """The crops, once per process and once per machine: built on a first use (about 1 s for the default pool: every
+    source photo decoded, then 20,000 resizes), read from disk after that (a few ms), by every trial worker, test and
+    command that loads the pool. An unreadable file is built again."""
+    path = crops_cache_path(n, size, seed)
+    crops = None
+    if path is not None and path.is_file():
+        try:
+            # mapped, not read: trial workers on one machine share the pages instead of a copy each
+            crops = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("photo crops cache %s unreadable (%s): building the crops again", path, e)
+        if crops is not None and (crops.shape != (n, size, size, 3) or crops.dtype != np.uint8):
+            log.warning("photo crops cache %s holds %s %s, not (%d, %d, %d, 3) uint8: building the crops again",
+                        path, crops.shape, crops.dtype, n, size, size)
+            crops = None
+    if crops is None:
+        crops = make_photo_crops(n, size, seed)
+        if path is not None:
+            tmp = None
+            try:  # written whole, then renamed: a reader never sees half a file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+                    tmp = Path(f.name)
+                    np.save(f, crops, allow_pickle=False)
+                os.replace(tmp, path)
+            except OSError as e:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+                log.warning("could not cache the photo crops in %s (%s): they are built again next time", path, e)
     crops.setflags(write=False)  # shared between pools built in this process
     return crops
 
@@ -180,7 +246,9 @@ def photos(
     """The embedded natural-image pool (no files, no network)."""
     images = _cached_crops(int(n), int(size), int(seed))
     pool = ArrayPool(images, name="photos")
-    log_loaded("pool", "photos", images=n, size=size, seed=seed, sources=len(photo_sources()))
+    # counted, not loaded: decoding the photos is what the crops cache saves
+    sources = sum(_source_path(package, filename) is not None for package, filename in PHOTO_SOURCES)
+    log_loaded("pool", "photos", images=n, size=size, seed=seed, sources=sources)
     return pool
 
 
