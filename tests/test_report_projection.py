@@ -176,3 +176,19 @@ def test_a_report_without_projections_is_unchanged(tmp_path, monkeypatch):
     report = write_report("proj-old", tmp_path / "report")
     assert report.projection is None and len(report.plots) == 5 and "Projection" not in report.table
     assert not (tmp_path / "report" / CSV).exists() and "Projection" not in report.markdown.read_text()
+
+
+def test_the_report_warm_up_readies_matplotlib_and_leaves_no_figure_behind():
+    """The sweep driver warms the report's plotting stack on a thread while its trials run (``report.warm_up``): in
+    a fresh process it imports pyplot with the Agg backend and loads a font (a figure was drawn), and it opens no
+    pyplot figure a report could pick up."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from distributed_me.report import warm_up; assert 'matplotlib.pyplot' not in sys.modules; "
+            "warm_up(); assert {'matplotlib.pyplot', 'matplotlib.backends.backend_agg'} <= set(sys.modules); "
+            "from matplotlib import font_manager; assert font_manager._get_font.cache_info().currsize > 0; "
+            "import matplotlib, matplotlib.pyplot as plt; "
+            "assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend(); "
+            "assert plt.get_fignums() == [], plt.get_fignums()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -79,6 +79,9 @@ def test_tiny_sweep_end_to_end_through_serve_tune_and_mlflow(sweep_env):
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 4
     assert all(r["queries_used"] == 60 and r["completed"] for r in out.rows)
+    # no scheduler stops these trials: Tune hears from them at most once a second, not after each of their 2 epochs
+    # (each report is a round trip the trial waits for), and always at the end
+    assert all(1 <= r["tune_reports"] <= 2 for r in out.rows), [r["tune_reports"] for r in out.rows]
     # one line per trial start, one (plus its figures) per finish, counted against the total; no Tune table
     assert sum("] started " in ln for ln in lines) == 4 and sum("] finished " in ln for ln in lines) == 4
     assert lines[-2].startswith("[4/4 done · 0 running · 0 failed] finished ") and "fidelity 0." in lines[-1]
@@ -257,6 +260,9 @@ def test_optuna_search_with_asha(sweep_env):
     finally:
         _shutdown_ray()
     assert out.errors == [] and len(out.rows) == 4
+    # ASHA decides on every epoch: each reaches Tune (4 epochs and the final result for a trial that ran them all)
+    assert all(r["tune_reports"] == 5 for r in out.rows if r["completed"]), [r["tune_reports"] for r in out.rows]
+    assert any(r["completed"] for r in out.rows)
     trials = _runs(sweep_env["uri"], "optuna")
     assert len(trials) == 4 and {t.info.status for t in trials} <= {"FINISHED", "KILLED"}
     lrs = [float(t.data.params["lr"]) for t in trials]

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from ..data import load_pool
 from ..errors import DmeError
 from ..extraction import METRIC_NAMES
 from ..plugins import load_plugin
-from ..report import publish_report
+from ..report import publish_report, warm_up
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import is_embedded, victim_bundle_path
 from ..victims.embedded import embedded_bundle_path
@@ -470,8 +471,14 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "deployments": deployments, "defense_costs": defense_costs,
                "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
-               "cost_device": plan.calibration, "recorder": True}
+               "cost_device": plan.calibration, "recorder": True,
+               # a scheduler that stops trials (ASHA) decides on every epoch; otherwise intermediate results only
+               # feed the status line, and each is a round trip the trial waits for (see trial.TUNE_REPORT_EVERY_S)
+               "every_epoch_to_tune": spec.asha is not None}
         with clock.phase("trials"):
+            # the driver only waits for Tune from here on: its spare core gets the report's plotting stack ready
+            warming = threading.Thread(target=warm_up, name="dme-report-warm-up", daemon=True)
+            warming.start()
             tuner = _tuner(spec, ctx, folder, gpus, folder / spec.name if resume else None, on_progress, on_status)
             grid = tuner.fit()
         # on SIGINT Tune saves its state and returns instead of raising. Such a sweep is KILLED, not FINISHED (its
@@ -494,6 +501,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         tracking.log_plan(parent, {f"sweep_seconds_{k}": v for k, v in clock.seconds.items()})
         if not interrupted:
             with clock.phase("report"):  # summary table, report, CSV and plots onto the parent run (never raises)
+                warming.join()  # matplotlib is not to be set up on two threads at once
                 publish_report(spec.name, parent, spec.experiment)
         rows, errors = [], []
         for res in grid:
@@ -504,7 +512,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
             factors = (res.config or {}).get("factors", {})
             rows.append({**{k: factors.get(k) for k in FACTORS}, **{k: m.get(k) for k in RESULT_KEYS},
                          "harness": {k: v for k, v in m.items() if k.startswith("harness_")},
-                         "trial_wall_seconds": m.get("time_total_s"),
+                         "trial_wall_seconds": m.get("time_total_s"), "tune_reports": m.get("training_iteration"),
                          "mlflow_run_id": m.get("mlflow_run_id"), "completed": bool(m.get("completed"))})
         done = [r for r in rows if r["completed"]]
         if interrupted:
