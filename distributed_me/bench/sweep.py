@@ -1,7 +1,7 @@
 """``dme bench sweep``: what the sweep harness costs, and what running trials side by side buys, in one run.
 
 The same N small attack runs — the quickstart sweep's trials: the embedded victim, random queries, CNN32 piracy
-model, 10 epochs, Adam/SGD × budgets 250/1000 × full scores/label only — are timed four ways:
+model, 10 epochs, Adam/SGD × budgets 250/1000 × full scores/label only — are timed five ways:
 
 - (a) a plain in-process loop, one after another, torch on 1 thread (what one Tune trial with 1 CPU gets), run before
   and again after the sweeps: ratios are to the mean of the two, the machine's speed drifting during a run;
@@ -11,6 +11,8 @@ model, 10 epochs, Adam/SGD × budgets 250/1000 × full scores/label only — are
   (cold; as a long-lived service, ``keep_victims``), then joining that running service, as every later sweep on a
   cluster that keeps its victims up does (:mod:`distributed_me.sweep.service`);
 - (d) ``dme sweep`` with trials running concurrently (one per core), joining the service too;
+- (e) as many plain loops as cores, side by side in separate processes with no Ray, Serve or MLflow, the grid split
+  longest first: what running trials side by side can give on this machine at all, the limit for (d);
 - and the frameworks' floor (:mod:`.floor`): Ray Serve deploying as many torch-importing replicas as the sweep's app
   while Tune runs N no-op trials, with none of our code: the frameworks' start-up with no trial work to overlap it
   (not a strict bound on (c) - (a); see :mod:`.floor`), set beside the 10 % that the goal (c) <= 1.10 x (a) allows.
@@ -72,13 +74,14 @@ def _doc(name: str, n_epochs: int, concurrent: int, keep_victims: bool = True) -
             "resources": {"cpus_per_trial": 1, "max_concurrent_trials": concurrent, "keep_victims": keep_victims}}
 
 
-def _loop(spec, threads: int) -> tuple[float, list[float], list[dict[str, float]], float]:
+def _loop(spec, threads: int, only: set[int] | None = None) -> tuple[float, list[float], list[dict[str, float]], float]:
     """The plain loop: the same trials, in process, no Ray, no MLflow. Returns its wall time, the fidelities, each
     extraction's seconds by phase (``total`` included) and the seconds of its defender's-side pass.
 
     The defender's side of each output policy (utility, KL: the same figures the sweep's driver measures once, or
     reads from its disk cache) is measured before the trials, as the sweep does, not inside the first trial of each
-    policy: so the loop's extraction phases compare one to one with the sweep's, and the pass is a line of its own."""
+    policy: so the loop's extraction phases compare one to one with the sweep's, and the pass is a line of its own.
+    ``only``: the indices of the grid's points to run (all by default)."""
     from ..data import load_pool
     from ..extraction import AttackSpec, run_extraction
     from ..oracle import LocalOracle
@@ -97,7 +100,7 @@ def _loop(spec, threads: int) -> tuple[float, list[float], list[dict[str, float]
         defender = time.perf_counter() - t_def
         fids: list[float] = []
         phases: list[dict[str, float]] = []
-        for f in spec.grid():
+        for f in [g for i, g in enumerate(spec.grid()) if only is None or i in only]:
             a = AttackSpec(strategy=f["strategy"], budget=f["budget"], arch=f["arch"], optimizer=f["optimizer"],
                            epochs=f["epochs"], seed=f["seed"], adv_eval_samples=spec.adv_eval_samples)
             oracle = LocalOracle(victim, f["policy"], budget=f["budget"])
@@ -108,6 +111,45 @@ def _loop(spec, threads: int) -> tuple[float, list[float], list[dict[str, float]
         return time.perf_counter() - t0, fids, phases, defender
     finally:
         torch.set_num_threads(saved)
+
+
+def _side_by_side_worker(doc: dict[str, Any], share: set[int], start, out) -> None:
+    from ..sweep.spec import parse_sweep
+
+    spec = parse_sweep(doc)
+    start.wait()  # every process has torch and the package loaded: the clocks start together
+    out.put(_loop(spec, 1, only=share)[0])
+
+
+def _loops_side_by_side(doc: dict[str, Any], k: int) -> tuple[float, list[float]]:
+    """(e): the limit for (d) on this machine: ``k`` plain loops (1 thread each, as a trial gets) in ``k`` processes
+    at once, the grid split between them longest first (LPT on budget x epochs, as the sweep orders its trials), no
+    Ray, no Serve, no MLflow. Each process imports torch and the package before a shared start, as (a)'s process had.
+    Returns the wall time (the slowest process's loop) and each process's."""
+    import multiprocessing as mp
+
+    from ..sweep.spec import parse_sweep
+
+    grid = parse_sweep(doc).grid()
+    shares: list[set[int]] = [set() for _ in range(k)]
+    load = [0.0] * k
+    for i in sorted(range(len(grid)), key=lambda i: -int(grid[i]["budget"]) * int(grid[i]["epochs"])):
+        j = load.index(min(load))
+        shares[j].add(i)
+        load[j] += int(grid[i]["budget"]) * int(grid[i]["epochs"])
+    ctx = mp.get_context("spawn")  # not fork: the parent holds torch's and (later) Ray's threads
+    start, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_side_by_side_worker, args=(doc, share, start, out), daemon=True) for share in shares]
+    for p in procs:
+        p.start()
+    try:
+        times = [out.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return max(times), sorted(times)
 
 
 @BENCHES.register("sweep")
@@ -140,6 +182,9 @@ def bench_sweep(args: argparse.Namespace) -> dict:
             rows.append({"path": "a loop, 1 thread", "trials": n, "concurrent": 1, "seconds": t_a})
             t_b, _, _, _ = _loop(spec, cores)
             rows.append({"path": f"b loop, {cores} threads", "trials": n, "concurrent": 1, "seconds": t_b})
+            t_e, e_each = _loops_side_by_side(_doc(f"bench-{stamp}", epochs, 1), cores)
+            rows.append({"path": f"e {cores} loops side by side, 1 thread each (no harness: the limit for d)",
+                         "trials": n, "concurrent": cores, "seconds": t_e})
             t0 = time.perf_counter()
             init_ray(num_cpus=cores)
             t_ray = time.perf_counter() - t0
@@ -192,6 +237,7 @@ def bench_sweep(args: argparse.Namespace) -> dict:
               "defender_pass_in_c_seconds": out_c.seconds.get("defenses"),
               "extraction_d_over_c_by_phase": sharing,
               "concurrency_speedup": t_c / t_d, "sweep_vs_best_loop": t_b / t_d,
+              "e_seconds_each": e_each, "loops_side_by_side_speedup": t_a / t_e, "d_over_e": t_d / t_e,
               "failed_trials": len(out_cold.errors) + len(out_c.errors) + len(out_d.errors),
               "peak_rss_mb": peak_rss_mb(),
               "fidelity_loop": sorted(fid_a), "fidelity_sweep": fid_c, "per_trial_breakdown_c": breakdown,
@@ -199,7 +245,7 @@ def bench_sweep(args: argparse.Namespace) -> dict:
               "goals": {"c_over_a": {"goal": "<= 1.10", "value": t_c / t_a, "pass": t_c / t_a <= 1.10},
                         "c_over_d": {"goal": ">= 1.7", "value": t_c / t_d, "pass": t_c / t_d >= 1.7}}}
     print_table(rows, ["path", "trials", "concurrent", "seconds", "ratio_to_a"],
-                "the same trials, four ways (ratios to the mean of the two (a) runs)")
+                "the same trials, five ways (ratios to the mean of the two (a) runs)")
     print_table([{"where": k, "seconds_per_trial": v} for k, v in breakdown.items()], ["where", "seconds_per_trial"],
                 "where the harness time of (c) goes, per trial")
     print_table([{"phase": k, "d_over_c": v} for k, v in sharing.items()], ["phase", "d_over_c"],
@@ -211,6 +257,8 @@ def bench_sweep(args: argparse.Namespace) -> dict:
           f"; deploying its own victims: {t_cold / t_a - 1:+.1%}; "
           f"speed-up of {cores} concurrent trials (c/d): {result['concurrency_speedup']:.2f}x (goal >= 1.7); "
           f"best single process / concurrent sweep (b/d): {result['sweep_vs_best_loop']:.2f}x; "
+          f"{cores} plain loops side by side against one (a/e, the most {cores} at a time can give here): "
+          f"{t_a / t_e:.2f}x, and (d) takes {t_d / t_e:.2f}x as long as (e); "
           f"Ray start {t_ray:.1f}s (not in c or d); (a) = mean of {t_a_before:.1f}s before and {t_a_after:.1f}s "
           "after the sweeps")
     print(f"frameworks' floor (Serve app of {len(spec.pairs()) + 2} torch replicas beside {n} no-op Tune trials): "
