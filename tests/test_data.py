@@ -456,7 +456,6 @@ def test_photo_crops_are_cached_on_disk_by_what_makes_them(monkeypatch: pytest.M
     np.testing.assert_array_equal(np.load(path), embedded.make_photo_crops(200, 16, 3))
     # a second process reads it: nothing is built again
     embedded._cached_crops.cache_clear()
-    real = embedded.make_photo_crops
     monkeypatch.setattr(embedded, "make_photo_crops", lambda *a, **k: pytest.fail("built again despite the cache"))
     np.testing.assert_array_equal(embedded._cached_crops(200, 16, 3), built)
     assert not embedded._cached_crops(200, 16, 3).flags.writeable
@@ -466,22 +465,35 @@ def test_photo_crops_are_cached_on_disk_by_what_makes_them(monkeypatch: pytest.M
     assert embedded.crops_cache_path(200, 16, 3) != path
     monkeypatch.undo()
     monkeypatch.setenv("DME_HOME", str(tmp_path))
-    source = embedded._source_path(*embedded.PHOTO_SOURCES[0])
-    assert source is not None
-    st = source.stat()
-    try:
-        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-        assert embedded.crops_cache_path(200, 16, 3) != path
-    finally:
-        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # a changed source photo (here a copy of the first one, touched) is another file too
+    original = embedded._source_path
+    first = embedded.PHOTO_SOURCES[0]
+    copy = tmp_path / "photo-copy" / first[1]
+    copy.parent.mkdir()
+    copy.write_bytes(original(*first).read_bytes())
+    monkeypatch.setattr(embedded, "_source_path", lambda package, name: copy if (package, name) == first
+                        else original(package, name))
+    with_copy = embedded.crops_cache_path(200, 16, 3)
+    st = copy.stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert embedded.crops_cache_path(200, 16, 3) not in (with_copy, path)
+    monkeypatch.undo()
+    monkeypatch.setenv("DME_HOME", str(tmp_path))
     assert embedded.crops_cache_path(200, 16, 3) == path
-    # a damaged file is built again, with a warning, and replaced
-    path.write_bytes(b"not an array")
+    # a damaged file (not an array, empty, another shape) is built again, with a warning, and replaced
+    for damage in (b"not an array", b""):
+        path.write_bytes(damage)
+        embedded._cached_crops.cache_clear()
+        np.testing.assert_array_equal(embedded._cached_crops(200, 16, 3), built)
+        assert "unreadable" in caplog.text
+        caplog.clear()
+        np.testing.assert_array_equal(np.load(path), built)
+    np.save(path, built[:10])
     embedded._cached_crops.cache_clear()
-    monkeypatch.setattr(embedded, "make_photo_crops", real)
     np.testing.assert_array_equal(embedded._cached_crops(200, 16, 3), built)
-    assert "unreadable" in caplog.text
+    assert "building the crops again" in caplog.text
     np.testing.assert_array_equal(np.load(path), built)
+    assert not list(path.parent.glob("*.tmp")) and path.stat().st_mode & 0o777 == 0o644
     embedded._cached_crops.cache_clear()
 
 

@@ -180,14 +180,16 @@ def test_a_report_without_projections_is_unchanged(tmp_path, monkeypatch):
 
 def test_the_report_warm_up_readies_matplotlib_and_leaves_no_figure_behind():
     """The sweep driver warms the report's plotting stack on a thread while its trials run (``report.warm_up``): in
-    a fresh process it imports pyplot with the Agg backend and loads a font (a figure was drawn), and it opens no
+    a fresh process it imports pyplot with the Agg backend and looks fonts up (a figure was drawn), and it opens no
     pyplot figure a report could pick up."""
     import subprocess
     import sys
 
-    code = ("import sys; from distributed_me.report import warm_up; assert 'matplotlib.pyplot' not in sys.modules; "
-            "warm_up(); assert {'matplotlib.pyplot', 'matplotlib.backends.backend_agg'} <= set(sys.modules); "
-            "from matplotlib import font_manager; assert font_manager._get_font.cache_info().currsize > 0; "
+    code = ("import sys, threading; from distributed_me.report import warm_up; "
+            "assert 'matplotlib.pyplot' not in sys.modules; "
+            "t = threading.Thread(target=warm_up); t.start(); t.join(); "  # on a thread, as the sweep driver runs it
+            "assert {'matplotlib.pyplot', 'matplotlib.backends.backend_agg'} <= set(sys.modules); "
+            "from matplotlib import font_manager as fm; assert fm.fontManager._findfont_cached.cache_info().currsize; "
             "import matplotlib, matplotlib.pyplot as plt; "
             "assert matplotlib.get_backend().lower() == 'agg', matplotlib.get_backend(); "
             "assert plt.get_fignums() == [], plt.get_fignums()")

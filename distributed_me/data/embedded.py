@@ -188,12 +188,16 @@ def make_photo_crops(
 
 def crops_cache_path(n: int, size: int, seed: int) -> Path | None:
     """Where :func:`make_photo_crops`'s output for these arguments is kept on disk (``$DME_HOME/cache/photos``): the
-    name hashes the arguments, the crop code's version and every source photo's path, size and mtime, so an upgraded
-    scikit-image or a changed crop rule is a new file, never a stale read. ``None`` when a source is missing (the
-    pool then differs from full installs: it is built, not cached)."""
+    name hashes the arguments, the crop code's version, the Pillow and numpy versions (Pillow decodes and resizes,
+    numpy draws the crops) and every source photo's path, size and mtime, so an upgraded package or a changed crop
+    rule is a new file, not a stale read. ``None`` when a source is missing (the pool then differs from full
+    installs: it is built, not cached)."""
+    import PIL
+
     from ..tracking import dme_home
 
-    parts = [f"v{PHOTO_CROPS_VERSION}", str(n), str(size), str(seed), str(PHOTOS_MIN_CROP)]
+    parts = [f"v{PHOTO_CROPS_VERSION}", str(n), str(size), str(seed), str(PHOTOS_MIN_CROP), f"PIL {PIL.__version__}",
+             f"numpy {np.__version__}"]
     for package, filename in PHOTO_SOURCES:
         path = _source_path(package, filename)
         if path is None:
@@ -204,19 +208,43 @@ def crops_cache_path(n: int, size: int, seed: int) -> Path | None:
     return dme_home() / "cache" / "photos" / f"{n}x{size}-seed{seed}-{digest}.npy"
 
 
+def _write_whole(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` to ``path`` whole: written and synced under a temporary name, then renamed over it, so a reader
+    (another process loading the pool at the same time) sees the old file, the new one or none, never half of one.
+    A failure leaves no temporary file behind and costs only the cache (logged)."""
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)  # the temporary file's 0600 would hide the cache from other users of a shared DME_HOME
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        log.warning("could not cache the photo crops in %s (%s): they are built again next time", path, e)
+    finally:
+        if tmp is not None:  # an error (or an interrupt) before the rename
+            tmp.unlink(missing_ok=True)
+
+
 @lru_cache(maxsize=2)
 def _cached_crops(n: int, size: int, seed: int) -> np.ndarray:
     """The crops, once per process and once per machine: built on a first use (about 1 s for the default pool: every
     source photo decoded, then 20,000 resizes), read from disk after that (a few ms), by every trial worker, test and
-    command that loads the pool. An unreadable file is built again."""
+    command that loads the pool. An unreadable file (empty, cut short, not an array) is built again and replaced."""
     path = crops_cache_path(n, size, seed)
     crops = None
     if path is not None and path.is_file():
         try:
-            # mapped, not read: trial workers on one machine share the pages instead of a copy each
-            crops = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("photo crops cache %s unreadable (%s): building the crops again", path, e)
+            # mapped, not read: trial workers on one machine share the pages instead of a copy each. Viewed as a
+            # plain array, so that pickling it (Ray Data actors get the pool) takes numpy's out-of-band path
+            crops = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
+        except Exception as e:  # EOFError for an empty file, ValueError for a short one: all mean "build again"
+            log.warning("photo crops cache %s unreadable (%s: %s): building the crops again", path,
+                        type(e).__name__, e)
         if crops is not None and (crops.shape != (n, size, size, 3) or crops.dtype != np.uint8):
             log.warning("photo crops cache %s holds %s %s, not (%d, %d, %d, 3) uint8: building the crops again",
                         path, crops.shape, crops.dtype, n, size, size)
@@ -224,17 +252,7 @@ def _cached_crops(n: int, size: int, seed: int) -> np.ndarray:
     if crops is None:
         crops = make_photo_crops(n, size, seed)
         if path is not None:
-            tmp = None
-            try:  # written whole, then renamed: a reader never sees half a file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-                    tmp = Path(f.name)
-                    np.save(f, crops, allow_pickle=False)
-                os.replace(tmp, path)
-            except OSError as e:
-                if tmp is not None:
-                    tmp.unlink(missing_ok=True)
-                log.warning("could not cache the photo crops in %s (%s): they are built again next time", path, e)
+            _write_whole(path, crops)
     crops.setflags(write=False)  # shared between pools built in this process
     return crops
 

@@ -44,7 +44,7 @@ from ..report import publish_report, warm_up
 from ..tracking import dme_home, ensure_experiment, tracking_uri
 from ..victims import is_embedded, victim_bundle_path
 from ..victims.embedded import embedded_bundle_path
-from . import service
+from . import service, trial
 from .plan import cost_key, plan_sweep, ray_resources, smaller_preset, trial_projections
 from .progress import TrialProgress
 from .recorder import start_recorder, stop_recorder
@@ -436,7 +436,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         # the trials' MLflow calls go through one actor, which opens the store now, while the driver works on
         recorder = start_recorder(parent, tracking_uri())
     status, error, summary = "FAILED", None, None
-    deployer, victims = None, None
+    deployer, victims, warming = None, None, None
     try:
         with clock.phase("deploy"):  # started here, finished in the background while Tune starts the trials
             if on_progress and any(is_embedded(v.source) for v in spec.victims) and \
@@ -474,7 +474,7 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "cost_device": plan.calibration, "recorder": True,
                # a scheduler that stops trials (ASHA) decides on every epoch; otherwise intermediate results only
                # feed the status line, and each is a round trip the trial waits for (see trial.TUNE_REPORT_EVERY_S)
-               "every_epoch_to_tune": spec.asha is not None}
+               "every_epoch_to_tune": spec.asha is not None, "tune_report_every_s": trial.TUNE_REPORT_EVERY_S}
         with clock.phase("trials"):
             # the driver only waits for Tune from here on: its spare core gets the report's plotting stack ready
             warming = threading.Thread(target=warm_up, name="dme-report-warm-up", daemon=True)
@@ -534,6 +534,8 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
+        if warming is not None:  # an interrupted sweep skips the report: the warm-up is not left mid-import
+            warming.join(timeout=30)
         with clock.phase("teardown"):
             if deployer is not None:
                 deployer.wait(timeout=spec.resources.deploy_timeout_s)  # never delete an app mid-deployment
