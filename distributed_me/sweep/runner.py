@@ -472,9 +472,9 @@ def run_sweep(spec: SweepSpec | None = None, *, preset: str | None = None, resum
                "cpus_per_trial": spec.resources.cpus_per_trial,
                "deploy_timeout_s": spec.resources.deploy_timeout_s, "projected": trial_projections(plan),
                "cost_device": plan.calibration, "recorder": True,
-               # a scheduler that stops trials (ASHA) decides on every epoch; otherwise intermediate results only
-               # feed the status line, and each is a round trip the trial waits for (see trial.TUNE_REPORT_EVERY_S)
-               "every_epoch_to_tune": spec.asha is not None, "tune_report_every_s": trial.TUNE_REPORT_EVERY_S}
+               # a scheduler that stops trials (ASHA) decides on every epoch (interval 0); otherwise intermediate
+               # results only feed the status line, and each is a round trip the trial waits for
+               "tune_report_every_s": 0.0 if spec.asha is not None else trial.TUNE_REPORT_EVERY_S}
         with clock.phase("trials"):
             # the driver only waits for Tune from here on: its spare core gets the report's plotting stack ready
             warming = threading.Thread(target=warm_up, name="dme-report-warm-up", daemon=True)

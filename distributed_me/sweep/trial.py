@@ -190,15 +190,15 @@ def run_trial(config: dict[str, Any]) -> None:
         with h.phase("handle"):
             oracle = HandleOracle(deployment, key, ctx["app_name"])
 
-        every_epoch = ctx.get("every_epoch_to_tune", True)  # sweeps started before the throttle: as they were
-        every_s = float(ctx.get("tune_report_every_s", TUNE_REPORT_EVERY_S))
+        # the driver's interval (0: every epoch, for ASHA); sweeps started before the throttle report as they did
+        every_s = float(ctx.get("tune_report_every_s", 0.0))
         last_report = [time.monotonic()]
 
         def on_epoch(epoch: int, row: dict) -> None:
             with h.phase("epoch_reports"):  # inside the extraction's train phase: subtracted from it below
                 metrics = {k: float(v) for k, v in row.items() if k != "epoch"}
                 run.metrics(metrics, step=epoch)
-                if every_epoch or time.monotonic() - last_report[0] >= every_s:
+                if time.monotonic() - last_report[0] >= every_s:
                     tune.report({**metrics, "epoch": epoch, "completed": False})
                     last_report[0] = time.monotonic()
 
