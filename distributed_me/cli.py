@@ -824,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--victim", default=None, help="victim of the serve bench: a bundle folder or name "
                                                    "(default: the embedded one)")
     bn.add_argument("--sweep", default=None, help="sweep the mlflow-ui bench opens (default: quickstart)")
-    bn.add_argument("--out", default="bench-results")
+    bn.add_argument("--out", default="bench-results",
+                    help="folder for NAME.json (default: bench-results), or the .json file itself")
     bn.set_defaults(func=cmd_bench)
     return p
 

@@ -23,16 +23,23 @@ BENCHES: Registry = Registry("benchmark")
 _MODULES = ("cost", "extraction", "mlflow_ui", "ownership", "scale", "selection", "serve", "serve_defenses", "sweep")
 
 
-def run_bench(name: str, args: argparse.Namespace) -> dict:
+def load_benches() -> None:
+    """Import every bench module, which registers its benches (idempotent)."""
     for m in _MODULES:
         importlib.import_module(f"{__name__}.{m}")
+
+
+def run_bench(name: str, args: argparse.Namespace) -> dict:
+    load_benches()
     fn = BENCHES.get(name)
+    out = Path(args.out)
+    # the .json file itself, or its folder; the bench's other files (plots, screenshots) go beside the .json
+    path = out if out.suffix == ".json" else out / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args.out = str(path.parent)
     t0 = time.perf_counter()
     result = fn(args)
     result["meta"] = environment() | {"wall_seconds": time.perf_counter() - t0}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {path}")
     return result
