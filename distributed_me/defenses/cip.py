@@ -34,6 +34,13 @@ What we could not carry over, and the choices made:
   the other values to a uniform arrangement of the rest. With a tied maximum, the result is fixed up so the forbidden
   class is not the (first) top; a constant row is returned unpermuted. SPPD's noise can still hand the top back to
   the original class, as in the code.
+- The authors fine-tune the victim with energy-based outlier exposure first; here CIP scores the served victim's own
+  energies (:func:`build_cip_kit`). Measured consequence (CIFAR-10 CNN32 victim at 77.7 %, 2026-12-02): of 4,000
+  random queries from the 64x64 ImageNet pool, 74.3 % fall in the ID regime (answered as is), 25.0 % are weakly and
+  0.6 % strongly poisoned (test split: 92.9 / 7.0 / 0.1 %). KnockoffNets with 4k queries then loses 2.5 accuracy
+  points under CIP (45.9 -> 43.4 %) against 11.8 under DP (34.2 %), the reverse of AdvFT Table 3's DP above CIP at
+  100K queries on a ResNet-18 (77.93 vs 49.85 %). Without outlier exposure, the energy does not tell this pool from
+  the victim's data.
 - Randomness comes from ``rng.normal`` only (3K draws per row: position of the top, arrangement, noise), so the
   chain's per-row :class:`~distributed_me.defenses.policies.RowStreams` can drive it and a key gets the same answer to
   the same query on any replica. The label follows the poisoned scores (the poisoning is meant to change it).
