@@ -1,11 +1,13 @@
 """The Ray-free parts of the victim API: the serve spec, the ledger (keys, budgets, query log) and the wire codec."""
 
+import asyncio
 import hashlib
 import io
 import json
 import threading
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -268,3 +270,71 @@ def test_oversized_npy_header_is_refused():
     body = b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header + arr.tobytes()
     with pytest.raises(WireError, match="large"):
         decode_body(body, "application/x-npy")
+
+
+# ------------------------------------------------------------------ gate's key check
+class _Accounting:
+    """The accounting replica as the gate reaches it (``authorize.remote(...)`` → awaitable), over a real ledger. Key
+    checks wait until ``open`` is set (an accounting replica slowed by a flood), or fail while ``down`` (restarting)."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger, self.open, self.down = ledger, asyncio.Event(), False
+        self.authorize = SimpleNamespace(remote=self._authorize)
+
+    async def _authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
+        if self.down:
+            raise ConnectionError("accounting replica restarting")
+        await self.open.wait()
+        d = self.ledger.authorize(key, victim)
+        return d.status, d.detail, d.fingerprint
+
+
+def test_a_flood_of_wrong_keys_refuses_strangers_not_a_good_key_whose_trust_expired(tmp_path):
+    """With every check slot taken by wrong keys, a key this ingress saw authorized is still checked (its trust
+    expires at once here), a never-seen key gets 503; a re-check that fails forgets the key; a dead accounting
+    replica gives a 503 that says retry, not an exception (a 500)."""
+    from distributed_me.serving.gate import Gate
+    from distributed_me.serving.spec import ServeSpec
+
+    spec = ServeSpec(victims=[{"name": "v1"}, {"name": "v2"}], auth_cache_s=0, max_pending_key_checks=4,
+                     clients=[{"key": "key-aaaaaaa"}, {"key": "key-bbbbbbb"}])
+    accounting = _Accounting(Ledger(spec.clients, ["v1", "v2"], tmp_path / "log"))
+    gate = Gate(spec, accounting)
+
+    async def check(key: str, victim: str = "v1") -> tuple[int, str, str]:
+        return await asyncio.wait_for(gate.authorize(key, victim), 5)  # a check let through to a closed door hangs
+
+    async def turns() -> None:  # let every started check reach the accounting (each goes through wait_for's task)
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        accounting.open.set()
+        assert (await check("key-aaaaaaa"))[0] == 200
+        accounting.open.clear()
+        flood = [asyncio.create_task(check(f"wrong-key-{i}")) for i in range(4)]
+        await turns()
+        assert gate.checking == 4
+        assert await check("wrong-key-4") == (503, "too many key checks in flight: retry", "")
+        assert (await check("key-bbbbbbb"))[0] == 503  # good, but never seen here: a stranger
+        good = asyncio.create_task(check("key-aaaaaaa"))
+        await turns()
+        assert not good.done()  # waiting for its check, not refused with the flood
+        accounting.open.set()
+        assert (await good)[0] == 200
+        assert [(await t)[0] for t in flood] == [401] * 4 and gate.checking == 0
+        # revoked for v1 (now v2 only): the re-check refuses it and the key is a stranger again
+        accounting.ledger.add_client(Client(key="key-aaaaaaa", victims=["v2"]))
+        assert (await check("key-aaaaaaa"))[0] == 403
+        accounting.open.clear()
+        flood = [asyncio.create_task(check(f"wrong-key-{i}")) for i in range(4)]
+        await turns()
+        assert (await check("key-aaaaaaa"))[0] == 503
+        accounting.open.set()
+        await asyncio.gather(*flood)
+        accounting.down = True
+        status, detail, _ = await check("key-bbbbbbb")
+        assert status == 503 and "accounting unavailable (ConnectionError)" in detail and "retry" in detail
+        assert gate.checking == 0
+
+    asyncio.run(main())

@@ -65,22 +65,34 @@ class Gate:
 
     async def authorize(self, key: str | None, victim: str) -> tuple[int, str, str]:
         """(status, detail, the key's fingerprint): the key check that runs before any body is read. No key is
-        refused here; a key seen authorized within ``auth_cache_s`` costs nothing; others one accounting call."""
+        refused here; a key seen authorized within ``auth_cache_s`` costs nothing; others one accounting call.
+
+        Only keys this replica never saw authorized count against ``max_pending_key_checks``: a flood of wrong keys
+        fills that limit, and a good client whose trust ran out during the flood must not be refused with it (its
+        re-check is bounded by the keys the accounting replica accepted, not by what strangers send). A re-check
+        that fails forgets the key, so a revoked key goes back under the limit."""
         if not key:
             return 401, "missing API key: send it in the X-API-Key header", ""
         now = time.monotonic()
-        until, fingerprint = self._authorized.get((key, victim), (0.0, ""))
-        if until > now:
-            return 200, "", fingerprint
-        if self.checking >= self.spec.max_pending_key_checks:  # a flood of unknown keys must not queue forever
+        known = self._authorized.get((key, victim))
+        if known is not None and known[0] > now:
+            return 200, "", known[1]
+        if known is None and self.checking >= self.spec.max_pending_key_checks:  # strangers must not queue forever
             return 503, "too many key checks in flight: retry", ""
-        self.checking += 1
+        if known is None:
+            self.checking += 1
         try:
             status, detail, fingerprint = await self.accountant.authorize.remote(key, victim)
+        except Exception as e:  # the accounting replica is restarting: nothing was read or charged yet
+            log.warning("accounting failed a key check: %s", e)
+            return 503, f"accounting unavailable ({type(e).__name__}); nothing was charged: retry", ""
         finally:
-            self.checking -= 1
+            if known is None:
+                self.checking -= 1
         if status == 200:
             remember(self._authorized, (key, victim), (now + self.spec.auth_cache_s, fingerprint))
+        else:
+            self._authorized.pop((key, victim), None)
         return status, detail, fingerprint
 
     def refund_later(self, request_id: str) -> None:

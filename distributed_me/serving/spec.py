@@ -100,8 +100,9 @@ class ServeSpec(BaseModel):
     body_timeout_s: float = Field(30.0, gt=0, description="time a request body may take to arrive (else 408)")
     max_concurrent_per_key: int = Field(16, ge=1, description="requests in flight per key (else 429)")
     auth_cache_s: float = Field(10.0, ge=0, description="how long the ingress trusts a key it saw authorized")
-    max_pending_key_checks: int = Field(64, ge=1, description="uncached key checks in flight per ingress replica "
-                                        "(else 503): a flood of wrong keys cannot queue up behind the accounting")
+    max_pending_key_checks: int = Field(64, ge=1, description="checks of keys the ingress replica never saw "
+                                        "authorized, in flight per replica (else 503): a flood of wrong keys cannot "
+                                        "queue up behind the accounting, nor keep out a good key whose trust expired")
     refund_window_s: float = Field(120.0, gt=0, description="how long after its charge an unanswered request can "
                                    "still be refunded (the ingress retries a refund for half of it)")
     log_flush_rows: int = Field(2048, ge=1, description="query-log rows buffered before a Parquet part is written")
