@@ -53,6 +53,16 @@ def _trial_runs(uri: str, sweep: str) -> list:
                          max_results=1000)
 
 
+EPOCHS = 25
+
+
+def _epochs_logged(uri: str, run) -> int:
+    """How many epochs a trial's run has logged (the history of one of its per-epoch metrics)."""
+    from mlflow import MlflowClient
+
+    return len(MlflowClient(uri).get_metric_history(run.info.run_id, "train_loss"))
+
+
 def test_sweep_survives_losing_a_worker_node(sweep_env, cluster, tmp_path, monkeypatch):
     import ray
 
@@ -65,7 +75,7 @@ def test_sweep_survives_losing_a_worker_node(sweep_env, cluster, tmp_path, monke
     monkeypatch.setenv("DME_SERVE_PORT", "0")  # any free port: the proxy must not need 8000
     budget = 200
     doc = _doc("multinode", policies=["probabilities"], retries=2,
-               attack={"budget": budget, "optimizer": ["adam", "sgd"], "seed": [0, 1], "epochs": 25},
+               attack={"budget": budget, "optimizer": ["adam", "sgd"], "seed": [0, 1], "epochs": EPOCHS},
                resources={"cpus_per_trial": 1, "serve_resources": {"victims": 0.01},
                           "trial_resources": {"trials": 0.01}})
     spec = parse_sweep(doc)
@@ -75,8 +85,10 @@ def test_sweep_survives_losing_a_worker_node(sweep_env, cluster, tmp_path, monke
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and "run" not in removed:
             for r in _trial_runs(sweep_env["uri"], "multinode"):
-                # well inside the trial: it has logged an epoch, so its key is charged and it is training
-                if r.info.status == "RUNNING" and r.data.tags.get("dme.node") == doomed and r.data.metrics:
+                # well inside the trial: it has logged an epoch, so its key is charged and it is training; and not
+                # near its end, so that it cannot close its run between this reading and the node's removal
+                if (r.info.status == "RUNNING" and r.data.tags.get("dme.node") == doomed and r.data.metrics
+                        and _epochs_logged(sweep_env["uri"], r) <= EPOCHS // 2):
                     # the Serve app holds the 'victims' resource, which only the victims node has
                     removed["victims_available"] = ray.available_resources().get("victims", 1.0)
                     c.remove_node(nodes["trials-b"], allow_graceful=False)
